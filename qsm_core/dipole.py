@@ -1,0 +1,136 @@
+"""Dipole kernel and the forward model chi -> field: the one forward model of qsmrim.
+
+Conventions (design.md section 4): susceptibility in ppm, positive = paramagnetic; the
+relative field ``delta_B / B0`` in ppm; the kernel in k-space
+
+    D(k) = 1/3 - (k . b_hat)^2 / |k|^2,    D(0) = 0,
+
+with k on the physical grid (cycles/mm along each array axis, so anisotropic voxels are
+exact) and ``b_hat`` the unit B0 direction in voxel axes
+(:func:`qsm_core.geometry.b0_dir_from_affine`). Arrays are zero-padded before the FFT to
+avoid wrap-around.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.fft
+
+from qsm_core.errors import InputError
+
+__all__ = ["dipole_kernel", "forward_field_ppm", "padded_shape", "pad_to", "crop_from"]
+
+
+def _check_b0(b0_dir) -> np.ndarray:
+    b = np.asarray(b0_dir, dtype=float).reshape(-1)
+    if b.shape != (3,) or not np.all(np.isfinite(b)) or np.linalg.norm(b) == 0:
+        raise InputError(f"b0_dir must be a non-zero 3-vector, got {b0_dir!r}")
+    return b / np.linalg.norm(b)
+
+
+def _check_voxel_size(voxel_size_mm) -> np.ndarray:
+    v = np.asarray(voxel_size_mm, dtype=float).reshape(-1)
+    if v.shape != (3,) or np.any(~np.isfinite(v)) or np.any(v <= 0):
+        raise InputError(f"voxel_size_mm must be three positive numbers, got {voxel_size_mm!r}")
+    return v
+
+
+def dipole_kernel(shape, *, voxel_size_mm, b0_dir, real_fft: bool = True,
+                  dtype=np.float32) -> np.ndarray:
+    """Unit dipole kernel D(k) on an FFT grid.
+
+    Parameters
+    ----------
+    shape : tuple of 3 ints
+        Grid shape (after any padding).
+    voxel_size_mm : sequence of 3 floats
+        Voxel sizes along the array axes (mm).
+    b0_dir : sequence of 3 floats
+        B0 direction in voxel axes (normalised here).
+    real_fft : bool
+        If True the kernel has shape ``(n0, n1, n2 // 2 + 1)`` for ``rfftn`` spectra.
+    dtype : numpy dtype
+
+    Returns
+    -------
+    ndarray
+        D(k) with D(0) = 0, values in [-2/3, 1/3].
+
+    Examples
+    --------
+    >>> d = dipole_kernel((8, 8, 8), voxel_size_mm=(1, 1, 1), b0_dir=(0, 0, 1))
+    >>> float(d[0, 0, 0]), float(d[0, 0, 1]), float(d[1, 0, 0])
+    (0.0, -0.6666666865348816, 0.3333333432674438)
+    """
+    if len(shape) != 3:
+        raise InputError(f"dipole_kernel needs a 3D shape, got {shape!r}")
+    v = _check_voxel_size(voxel_size_mm)
+    b = _check_b0(b0_dir)
+    k0 = np.fft.fftfreq(shape[0], d=v[0])
+    k1 = np.fft.fftfreq(shape[1], d=v[1])
+    k2 = np.fft.rfftfreq(shape[2], d=v[2]) if real_fft else np.fft.fftfreq(shape[2], d=v[2])
+    k0, k1, k2 = np.meshgrid(k0, k1, k2, indexing="ij", sparse=True)
+    kb = k0 * b[0] + k1 * b[1] + k2 * b[2]
+    k2sum = k0**2 + k1**2 + k2**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = 1.0 / 3.0 - kb**2 / k2sum
+    d[0, 0, 0] = 0.0
+    return d.astype(dtype, copy=False)
+
+
+def padded_shape(shape, pad_voxels) -> tuple[int, int, int]:
+    """Shape after padding each side by ``pad_voxels``, rounded up to a fast FFT size."""
+    pads = np.broadcast_to(np.asarray(pad_voxels, dtype=int), (3,))
+    return tuple(int(scipy.fft.next_fast_len(int(n + 2 * p), real=True))
+                 for n, p in zip(shape, pads))
+
+
+def pad_to(arr: np.ndarray, shape) -> np.ndarray:
+    """Zero-pad ``arr`` to ``shape``, centred (the original sits at :func:`crop_from`)."""
+    before = [(s - n) // 2 for s, n in zip(shape, arr.shape)]
+    out = np.zeros(shape, dtype=arr.dtype)
+    out[tuple(slice(b, b + n) for b, n in zip(before, arr.shape))] = arr
+    return out
+
+
+def crop_from(arr: np.ndarray, shape) -> np.ndarray:
+    """Inverse of :func:`pad_to`: the centred block of ``shape``."""
+    before = [(s - n) // 2 for s, n in zip(arr.shape, shape)]
+    return arr[tuple(slice(b, b + n) for b, n in zip(before, shape))]
+
+
+def forward_field_ppm(chi_ppm: np.ndarray, *, voxel_size_mm, b0_dir, pad_voxels=None,
+                      workers: int = -1) -> np.ndarray:
+    """Relative field (ppm of B0) produced by a susceptibility distribution.
+
+    Parameters
+    ----------
+    chi_ppm : ndarray, shape (X, Y, Z)
+        Susceptibility (ppm); any reference, since D(0) = 0 removes the mean.
+    voxel_size_mm : sequence of 3 floats
+    b0_dir : sequence of 3 floats
+        B0 direction in voxel axes.
+    pad_voxels : int or sequence of 3 ints, optional
+        Zero padding per side; default half the array size (no wrap-around for sources
+        inside the volume).
+    workers : int
+        FFT threads (-1: all cores).
+
+    Returns
+    -------
+    ndarray, shape (X, Y, Z), float32
+        Field ``delta_B / B0`` in ppm (multiply by :func:`qsm_core.ppm_to_hz` for Hz).
+    """
+    chi = np.asarray(chi_ppm)
+    if chi.ndim != 3:
+        raise InputError(f"chi_ppm must be 3D, got shape {chi.shape}")
+    if not np.all(np.isfinite(chi)):
+        raise InputError("chi_ppm contains NaN or Inf")
+    if pad_voxels is None:
+        pad_voxels = [n // 2 for n in chi.shape]
+    shape = padded_shape(chi.shape, pad_voxels)
+    d = dipole_kernel(shape, voxel_size_mm=voxel_size_mm, b0_dir=b0_dir)
+    spec = scipy.fft.rfftn(pad_to(chi.astype(np.float32), shape), workers=workers)
+    spec *= d
+    field = scipy.fft.irfftn(spec, s=shape, workers=workers)
+    return crop_from(field, chi.shape).astype(np.float32)

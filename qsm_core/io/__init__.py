@@ -1,0 +1,5 @@
+"""File input/output: NIfTI, BIDS discovery, TSV tables, JSON; all writes are atomic."""
+
+from qsm_core.io.atomic import atomic_path, write_json, write_text
+
+__all__ = ["atomic_path", "write_json", "write_text"]

@@ -1,0 +1,3 @@
+from qsmrim.cli.main import main
+
+raise SystemExit(main())

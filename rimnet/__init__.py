@@ -1,0 +1,1 @@
+"""Paramagnetic rim lesion scoring: lesions, patches, a rule-based detector and a MONAI CNN."""

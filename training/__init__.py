@@ -1,0 +1,1 @@
+"""Training side: the synthetic MS/NMOSD cohort simulator, splits and the training loop."""
