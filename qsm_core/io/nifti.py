@@ -1,0 +1,89 @@
+"""NIfTI reading and atomic writing, with checks that name the file and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from qsm_core.errors import InputError
+from qsm_core.io.atomic import atomic_path
+
+__all__ = ["load_nifti", "save_nifti"]
+
+
+def load_nifti(path, *, dtype=np.float32, allow_4d: bool = False):
+    """Load a NIfTI image as (data, affine), checking it is usable.
+
+    Parameters
+    ----------
+    path : str or Path
+    dtype : numpy dtype
+        Data type of the returned array (scaling slopes applied).
+    allow_4d : bool
+        Accept a 4D series (e.g. echoes along the last axis).
+
+    Returns
+    -------
+    data : ndarray, shape (X, Y, Z) or (X, Y, Z, N)
+    affine : ndarray, shape (4, 4)
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, wrong dimensionality, NaN/Inf voxels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file; check the path")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=dtype)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(f"{path}: not a readable NIfTI image ({exc})") from None
+    while data.ndim > 3 and data.shape[-1] == 1 and not (allow_4d and data.ndim == 4):
+        data = data[..., 0]
+    if data.ndim == 2 or (data.ndim == 3 and min(data.shape) == 1):
+        raise InputError(f"{path}: 2D image of shape {data.shape}; qsmrim needs a 3D volume "
+                         "(dipole inversion is three-dimensional)")
+    want = (3, 4) if allow_4d else (3,)
+    if data.ndim not in want:
+        raise InputError(f"{path}: expected a {'3D or 4D' if allow_4d else '3D'} image, "
+                         f"got shape {data.shape}")
+    if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
+        n = int(np.count_nonzero(~np.isfinite(data)))
+        raise InputError(f"{path}: {n} voxel(s) are NaN or Inf; fix or mask them before "
+                         "running qsmrim")
+    return data, np.asarray(img.affine, dtype=float)
+
+
+def save_nifti(path, data: np.ndarray, affine: np.ndarray, *, dtype=None,
+               description: str | None = None) -> Path:
+    """Write a NIfTI atomically; refuses NaN/Inf so that none ever reaches disk.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.nii`` or ``.nii.gz``.
+    data : ndarray, shape (X, Y, Z[, N])
+    affine : ndarray, shape (4, 4)
+    dtype : numpy dtype, optional
+        Output type (default: float32 for floats, else the data's own type).
+    description : str, optional
+        Written to the header's ``descrip`` field (80 characters at most).
+    """
+    data = np.asarray(data)
+    if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
+        raise InputError(f"refusing to write NaN/Inf to {path}")
+    if dtype is None:
+        dtype = np.float32 if np.issubdtype(data.dtype, np.floating) else data.dtype
+    img = nib.Nifti1Image(data.astype(dtype, copy=False), np.asarray(affine, float))
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    if description:
+        img.header["descrip"] = description[:79].encode()
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
