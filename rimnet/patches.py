@@ -1,0 +1,437 @@
+"""Fixed-physical-size patches around lesions, and a disk cache of them for training.
+
+Every lesion gets a cube of ``patch_mm`` millimetres (default 32 mm) centred on its centroid,
+resampled to ``patch_voxels`` voxels a side (default 32, i.e. 1 mm spacing), whatever the voxel
+size of the scan (anisotropic voxels such as 0.9x0.9x2 mm are fine). The cube's axes are the
+array axes of the input volumes (no rotation to world space), so patch axis 2 is the slice axis
+of an axially acquired scan. Images are resampled trilinearly, masks by nearest neighbour.
+Outside the volume, images repeat their nearest edge value ("edge padding") while masks are 0
+(nothing is known to be lesion there).
+
+Channels (any subset, in any order, by name):
+
+``qsm``
+    Susceptibility scaled to ``chi_ppm * QSM_SCALE`` (10, so 0.1 ppm -> 1.0) and clipped to
+    ``+-QSM_CLIP`` (5.0, i.e. +-0.5 ppm; veins reach ~0.45 ppm, rims 0.01-0.06 ppm).
+``flair``
+    FLAIR divided by the median FLAIR of normal-appearing tissue (``flair_reference``; by
+    default the median over voxels that are inside ``brain_mask`` -- or, without one, above 10 %
+    of the 99th percentile -- and outside every lesion), then clipped to ``[0, FLAIR_CLIP]``
+    (5.0). Normal-appearing white matter is then about 1 and lesions about 1.5-3.
+``lesion``
+    This lesion's own mask (1 inside, 0 outside).
+``others``
+    Every other lesion's mask (1 inside another lesion, 0 elsewhere).
+``swi``
+    Optional: an SWI/magnitude image divided by its normal-appearing median, like FLAIR.
+
+The cache (:func:`build_patch_cache`) is a folder with ``patches.npy`` (memory-mappable,
+shape (N, C, P, P, P)), ``table.tsv`` (one row per patch, in order, with its keys and labels)
+and ``cache.json`` (channels, patch size, normalisation constants).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from qsm_core.errors import InputError
+from qsm_core.io.atomic import atomic_path, write_json
+
+__all__ = [
+    "QSM_SCALE",
+    "QSM_CLIP",
+    "FLAIR_CLIP",
+    "DEFAULT_CHANNELS",
+    "normalise_qsm",
+    "flair_reference",
+    "normalise_flair",
+    "lesion_centroids_vox",
+    "patch_coordinates",
+    "extract_patches",
+    "build_patch_cache",
+    "load_patch_cache",
+]
+
+log = logging.getLogger(__name__)
+
+QSM_SCALE = 10.0
+QSM_CLIP = 5.0
+FLAIR_CLIP = 5.0
+DEFAULT_CHANNELS = ("qsm", "flair", "lesion", "others")
+_IMAGE_CHANNELS = ("qsm", "flair", "swi")
+_MASK_CHANNELS = ("lesion", "others")
+
+
+def normalise_qsm(chi_ppm: np.ndarray) -> np.ndarray:
+    """Scale susceptibility (ppm) to the network's range: ``clip(chi_ppm * 10, -5, 5)``.
+
+    Examples
+    --------
+    >>> normalise_qsm(np.array([0.05, -0.02, 0.9])).tolist()
+    [0.5, -0.2, 5.0]
+    """
+    return np.clip(np.asarray(chi_ppm, dtype=np.float32) * np.float32(QSM_SCALE),
+                   -QSM_CLIP, QSM_CLIP)
+
+
+def flair_reference(flair: np.ndarray, *, lesion_labels: np.ndarray | None = None,
+                    brain_mask: np.ndarray | None = None) -> float:
+    """Median FLAIR intensity of normal-appearing tissue.
+
+    Parameters
+    ----------
+    flair : ndarray, shape (X, Y, Z)
+    lesion_labels : ndarray, shape (X, Y, Z), optional
+        Lesion voxels (non-zero) are excluded.
+    brain_mask : ndarray, shape (X, Y, Z), optional
+        Voxels to consider; default: those above 10 % of the 99th percentile (foreground).
+
+    Returns
+    -------
+    float
+        A strictly positive reference intensity.
+    """
+    flair = np.asarray(flair)
+    if brain_mask is not None:
+        sel = np.asarray(brain_mask) > 0
+    else:
+        hi = float(np.percentile(flair, 99))
+        sel = flair > 0.1 * hi
+    if lesion_labels is not None:
+        sel &= np.asarray(lesion_labels) == 0
+    vals = flair[sel]
+    ref = float(np.median(vals)) if vals.size else 0.0
+    if not np.isfinite(ref) or ref <= 0:
+        raise InputError("FLAIR has no positive normal-appearing tissue to normalise by "
+                         "(empty, all-zero or negative image); check the FLAIR file")
+    return ref
+
+
+def normalise_flair(flair: np.ndarray, *, reference: float) -> np.ndarray:
+    """``clip(flair / reference, 0, 5)`` as float32."""
+    return np.clip(np.asarray(flair, dtype=np.float32) / np.float32(reference), 0.0, FLAIR_CLIP)
+
+
+def lesion_centroids_vox(lesion_labels: np.ndarray, lesion_ids: Sequence[int]) -> np.ndarray:
+    """Centres of mass (voxel coordinates) of the given labels, shape (N, 3).
+
+    Raises
+    ------
+    InputError
+        If a label is absent from the map.
+    """
+    ids = [int(i) for i in lesion_ids]
+    if not ids:
+        return np.zeros((0, 3))
+    present = np.bincount(lesion_labels.ravel().astype(np.int64, copy=False),
+                          minlength=max(ids) + 1)
+    missing = [i for i in ids if i <= 0 or i >= present.size or present[i] == 0]
+    if missing:
+        raise InputError(f"lesion id(s) {missing[:10]} not found in the lesion label map")
+    cents = ndimage.center_of_mass(np.ones(lesion_labels.shape, np.float32), lesion_labels, ids)
+    return np.asarray(cents, dtype=float).reshape(len(ids), 3)
+
+
+def patch_coordinates(centre_vox, *, voxel_size_mm, patch_mm: float,
+                      patch_voxels: int) -> list[np.ndarray]:
+    """Sample positions (fractional voxel indices) of a patch along each array axis.
+
+    The patch spacing is ``patch_mm / patch_voxels`` mm; samples are centred on ``centre_vox``.
+
+    Returns
+    -------
+    list of 3 ndarrays, each shape (patch_voxels,)
+    """
+    vs = np.asarray(voxel_size_mm, dtype=float)
+    step_mm = patch_mm / patch_voxels
+    offs_mm = (np.arange(patch_voxels) - (patch_voxels - 1) / 2.0) * step_mm
+    return [float(centre_vox[a]) + offs_mm / vs[a] for a in range(3)]
+
+
+def _linear_axis(coords: np.ndarray, size: int):
+    """Indices and weights for 1-D linear interpolation with edge clamping."""
+    c = np.clip(coords, 0.0, size - 1.0)
+    i0 = np.floor(c).astype(np.intp)
+    i1 = np.minimum(i0 + 1, size - 1)
+    w1 = (c - i0).astype(np.float32)
+    return i0, i1, w1
+
+
+def _sample_linear(vol: np.ndarray, coords: list[np.ndarray]) -> np.ndarray:
+    """Separable trilinear sampling of ``vol`` on the tensor grid ``coords`` (edge padding)."""
+    axes = [_linear_axis(coords[a], vol.shape[a]) for a in range(3)]
+    los = [int(i0.min()) for i0, _, _ in axes]
+    his = [int(i1.max()) + 1 for _, i1, _ in axes]
+    out = vol[los[0]:his[0], los[1]:his[1], los[2]:his[2]]
+    for axis, (i0, i1, w1) in enumerate(axes):
+        a = np.take(out, i0 - los[axis], axis=axis)
+        b = np.take(out, i1 - los[axis], axis=axis)
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        out = a + (b - a) * w1.reshape(shape)
+    return out.astype(np.float32, copy=False)
+
+
+def _sample_nearest(vol: np.ndarray, coords: list[np.ndarray]) -> np.ndarray:
+    """Nearest-neighbour sampling on the tensor grid ``coords``; 0 outside the volume."""
+    idx, inside = [], []
+    for a, c in enumerate(coords):
+        i = np.floor(c + 0.5).astype(np.intp)
+        inside.append((i >= 0) & (i < vol.shape[a]))
+        idx.append(np.clip(i, 0, vol.shape[a] - 1))
+    out = vol[np.ix_(*idx)]
+    if not all(m.all() for m in inside):
+        keep = (inside[0][:, None, None] & inside[1][None, :, None]
+                & inside[2][None, None, :])
+        out = np.where(keep, out, 0)
+    return out
+
+
+def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
+                    lesion_ids: Sequence[int] | None = None, *, voxel_size_mm,
+                    patch_mm: float = 32.0, patch_voxels: int = 32,
+                    channels: Sequence[str] = DEFAULT_CHANNELS,
+                    centroids_vox: np.ndarray | None = None,
+                    brain_mask: np.ndarray | None = None,
+                    flair_ref: float | None = None, swi_ref: float | None = None) -> np.ndarray:
+    """Cut a fixed physical-size, normalised multi-channel patch around each lesion.
+
+    Parameters
+    ----------
+    volumes : dict of str to ndarray, each shape (X, Y, Z)
+        Images on the same grid as ``lesion_labels``: ``"qsm"`` (susceptibility, ppm),
+        ``"flair"`` (any intensity unit), optionally ``"swi"``. Only those named in
+        ``channels`` are needed.
+    lesion_labels : ndarray of int, shape (X, Y, Z)
+        Lesion label map (0 = background, k = lesion ``k``).
+    lesion_ids : sequence of int, optional
+        Lesions to extract, in output order (default: every label, ascending).
+    voxel_size_mm : sequence of 3 floats
+        Voxel size of the volumes along the array axes (mm).
+    patch_mm : float
+        Side of the cube (mm).
+    patch_voxels : int
+        Samples per side of the output patch.
+    channels : sequence of str
+        Channel names, among ``qsm``, ``flair``, ``swi``, ``lesion``, ``others``.
+    centroids_vox : ndarray, shape (N, 3), optional
+        Patch centres in voxel coordinates (default: the lesions' centres of mass).
+    brain_mask : ndarray, shape (X, Y, Z), optional
+        Region used for the FLAIR/SWI normal-appearing-tissue reference.
+    flair_ref, swi_ref : float, optional
+        Reference intensities overriding the medians (e.g. computed once per scan).
+
+    Returns
+    -------
+    ndarray, shape (N, C, patch_voxels, patch_voxels, patch_voxels), float32
+        Channel values as described in the module docstring; never NaN.
+
+    Raises
+    ------
+    InputError
+        Unknown channel, missing volume, shape mismatch, non-finite values, unknown lesion id.
+    """
+    channels = tuple(channels)
+    bad = [c for c in channels if c not in _IMAGE_CHANNELS + _MASK_CHANNELS]
+    if bad or not channels:
+        raise InputError(f"unknown patch channel(s) {bad}; choose among "
+                         f"{list(_IMAGE_CHANNELS + _MASK_CHANNELS)}")
+    labels = np.asarray(lesion_labels)
+    if labels.ndim != 3:
+        raise InputError(f"lesion label map must be 3D, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.all(labels == np.round(labels)):
+            raise InputError("lesion label map has non-integer values; label it first "
+                             "(rimnet.lesions.label_lesions)")
+        labels = labels.astype(np.int32)
+    vs = np.asarray(voxel_size_mm, dtype=float).reshape(-1)
+    if vs.size != 3 or np.any(~np.isfinite(vs)) or np.any(vs <= 0):
+        raise InputError(f"voxel_size_mm must be 3 positive numbers, got {voxel_size_mm!r}")
+    if patch_mm <= 0 or int(patch_voxels) < 2:
+        raise InputError(f"patch_mm must be > 0 and patch_voxels >= 2, got {patch_mm}, "
+                         f"{patch_voxels}")
+    patch_voxels = int(patch_voxels)
+    if lesion_ids is None:
+        lesion_ids = [int(i) for i in np.unique(labels) if i > 0]
+    ids = [int(i) for i in lesion_ids]
+
+    prepared: dict[str, np.ndarray] = {}
+    for name in channels:
+        if name in _MASK_CHANNELS:
+            continue
+        if name not in volumes or volumes[name] is None:
+            raise InputError(f"patch channel {name!r} needs a {name!r} volume; got "
+                             f"{sorted(k for k, v in volumes.items() if v is not None)}")
+        vol = np.asarray(volumes[name])
+        if vol.shape != labels.shape:
+            raise InputError(f"{name} volume has shape {vol.shape} but the lesion map has "
+                             f"{labels.shape}; resample the lesion map to the {name} grid "
+                             "(rimnet.lesions.resample_labels_to)")
+        if not np.all(np.isfinite(vol)):
+            raise InputError(f"{name} volume has NaN/Inf voxels; fix or mask them first")
+        if name == "qsm":
+            prepared[name] = normalise_qsm(vol)
+        else:
+            ref = flair_ref if name == "flair" else swi_ref
+            if ref is None:
+                ref = flair_reference(vol, lesion_labels=labels, brain_mask=brain_mask)
+            prepared[name] = normalise_flair(vol, reference=ref)
+
+    n = len(ids)
+    out = np.zeros((n, len(channels), patch_voxels, patch_voxels, patch_voxels), np.float32)
+    if n == 0:
+        return out
+    if centroids_vox is None:
+        cents = lesion_centroids_vox(labels, ids)
+    else:
+        cents = np.asarray(centroids_vox, dtype=float).reshape(n, 3)
+    for k, (lid, cen) in enumerate(zip(ids, cents)):
+        coords = patch_coordinates(cen, voxel_size_mm=vs, patch_mm=patch_mm,
+                                   patch_voxels=patch_voxels)
+        lab = None
+        for c, name in enumerate(channels):
+            if name in prepared:
+                out[k, c] = _sample_linear(prepared[name], coords)
+            else:
+                if lab is None:
+                    lab = _sample_nearest(labels, coords)
+                if name == "lesion":
+                    out[k, c] = lab == lid
+                else:
+                    out[k, c] = (lab > 0) & (lab != lid)
+    return out
+
+
+def _npy_header(shape, dtype) -> bytes:
+    """A .npy (version 1.0) header for a C-ordered array of ``shape`` and ``dtype``."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": tuple(int(s) for s in shape)})
+    return buf.getvalue()
+
+
+def build_patch_cache(cache_dir, chunks: Iterable[tuple[np.ndarray, pd.DataFrame]], *,
+                      channels: Sequence[str] = DEFAULT_CHANNELS, patch_mm: float = 32.0,
+                      patch_voxels: int = 32, dtype=np.float32, metadata: dict | None = None,
+                      overwrite: bool = False) -> Path:
+    """Write patches and their table to a cache folder, streaming chunk by chunk.
+
+    Parameters
+    ----------
+    cache_dir : str or Path
+        Output folder (created). It holds ``patches.npy``, ``table.tsv`` and ``cache.json``.
+    chunks : iterable of (ndarray, DataFrame)
+        Pairs of patches, shape (n_i, C, P, P, P), and a table of n_i rows (keys such as
+        participant_id/session_id/lesion_id and labels). A single pair may be passed inside a
+        list. Chunks are appended in order, so memory stays at one chunk.
+    channels : sequence of str
+        Channel names of axis 1 (recorded in ``cache.json``).
+    patch_mm, patch_voxels : float, int
+        Patch geometry (recorded, and checked against the arrays).
+    dtype : numpy dtype
+        Storage type (float32, or float16 to halve the size).
+    metadata : dict, optional
+        Extra provenance written into ``cache.json``.
+    overwrite : bool
+        Replace an existing cache.
+
+    Returns
+    -------
+    Path
+        ``cache_dir``.
+    """
+    cache_dir = Path(cache_dir)
+    if (cache_dir / "cache.json").exists() and not overwrite:
+        raise InputError(f"{cache_dir}: a patch cache already exists; pass overwrite=True "
+                         "(--overwrite) or choose another folder")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    channels = tuple(channels)
+    shape_tail = (len(channels), patch_voxels, patch_voxels, patch_voxels)
+    tables = []
+    n_total = 0
+    fd, raw_name = tempfile.mkstemp(prefix=".patches.", suffix=".raw", dir=cache_dir)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            for patches, table in chunks:
+                patches = np.asarray(patches)
+                if patches.shape[1:] != shape_tail:
+                    raise InputError(f"patch chunk has shape {patches.shape}, expected "
+                                     f"(n, {', '.join(map(str, shape_tail))})")
+                if len(table) != len(patches):
+                    raise InputError(f"patch chunk has {len(patches)} patches but its table "
+                                     f"{len(table)} rows")
+                if not np.all(np.isfinite(patches)):
+                    raise InputError("refusing to cache patches with NaN/Inf values")
+                raw.write(np.ascontiguousarray(patches, dtype=dtype).tobytes())
+                tables.append(pd.DataFrame(table).reset_index(drop=True))
+                n_total += len(patches)
+        table = (pd.concat(tables, ignore_index=True) if tables
+                 else pd.DataFrame(columns=["participant_id", "session_id", "lesion_id"]))
+        table.insert(0, "patch_index", np.arange(n_total))
+        with atomic_path(cache_dir / "patches.npy") as tmp:
+            with open(tmp, "wb") as f, open(raw_name, "rb") as raw:
+                f.write(_npy_header((n_total, *shape_tail), dtype))
+                shutil.copyfileobj(raw, f, length=1 << 22)
+    finally:
+        if os.path.exists(raw_name):
+            os.unlink(raw_name)
+    with atomic_path(cache_dir / "table.tsv") as tmp:
+        table.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
+    meta = {"channels": list(channels), "patch_mm": float(patch_mm),
+            "patch_voxels": int(patch_voxels), "n_patches": int(n_total),
+            "dtype": np.dtype(dtype).name, "qsm_scale": QSM_SCALE, "qsm_clip": QSM_CLIP,
+            "flair_clip": FLAIR_CLIP, "metadata": metadata or {}}
+    write_json(cache_dir / "cache.json", meta)  # written last: marks a complete cache
+    log.info("wrote %d patches to %s", n_total, cache_dir)
+    return cache_dir
+
+
+def load_patch_cache(cache_dir, *, mmap: bool = True) -> tuple[np.ndarray, pd.DataFrame]:
+    """Open a patch cache written by :func:`build_patch_cache`.
+
+    Parameters
+    ----------
+    cache_dir : str or Path
+    mmap : bool
+        Memory-map ``patches.npy`` read-only (default) instead of reading it.
+
+    Returns
+    -------
+    patches : ndarray, shape (N, C, P, P, P)
+        With ``patches.dtype`` as stored; metadata from ``cache.json`` is in ``table.attrs``.
+    table : DataFrame
+        N rows in patch order (``patch_index`` column first).
+    """
+    cache_dir = Path(cache_dir)
+    meta_path = cache_dir / "cache.json"
+    if not meta_path.is_file():
+        raise InputError(f"{cache_dir}: not a patch cache (no cache.json); build one with "
+                         "`qsmrim extract` or rimnet.patches.build_patch_cache")
+    try:
+        meta = json.loads(meta_path.read_text())
+        patches = np.load(cache_dir / "patches.npy", mmap_mode="r" if mmap else None)
+        table = pd.read_csv(cache_dir / "table.tsv", sep="\t", na_values=["n/a"],
+                            keep_default_na=False,
+                            dtype={"participant_id": str, "session_id": str})
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{cache_dir}: corrupted patch cache ({exc}); rebuild it") from None
+    if "session_id" in table.columns:
+        table["session_id"] = table["session_id"].fillna("n/a")
+    if len(table) != len(patches) or patches.shape[1] != len(meta["channels"]):
+        raise InputError(f"{cache_dir}: patches.npy {patches.shape} does not match table.tsv "
+                         f"({len(table)} rows) / channels {meta['channels']}; rebuild it")
+    table.attrs.update(meta)
+    return patches, table

@@ -1,0 +1,152 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from qsm_core.errors import InputError
+from rimnet.patches import (
+    QSM_CLIP,
+    build_patch_cache,
+    extract_patches,
+    flair_reference,
+    lesion_centroids_vox,
+    load_patch_cache,
+    patch_coordinates,
+)
+
+
+def _ball(shape, centre, radius_vox):
+    g = np.indices(shape, dtype=float)
+    r2 = sum((g[a] - centre[a]) ** 2 for a in range(3))
+    return r2 <= radius_vox ** 2
+
+
+def test_linear_ramp_is_sampled_exactly_in_physical_units():
+    # chi = 0.001 ppm per mm along axis 0 and 0.002 ppm/mm along axis 2, anisotropic voxels
+    vs = np.array([0.8, 1.0, 2.0])
+    shape = (80, 64, 32)
+    g = np.indices(shape, dtype=float)
+    chi_ppm = 0.001 * g[0] * vs[0] + 0.002 * g[2] * vs[2]
+    labels = np.zeros(shape, np.int32)
+    labels[38:43, 30:35, 15:18] = 7
+    p = extract_patches({"qsm": chi_ppm}, labels, [7], voxel_size_mm=vs, patch_mm=16.0,
+                        patch_voxels=16, channels=("qsm",))
+    assert p.shape == (1, 1, 16, 16, 16) and p.dtype == np.float32
+    cen = lesion_centroids_vox(labels, [7])[0]
+    np.testing.assert_allclose(cen, [40, 32, 16])
+    # expected value at sample (i, j, k): 10 * chi at centre + offsets (1 mm spacing)
+    off = np.arange(16) - 7.5
+    exp = 10 * (0.001 * (cen[0] * vs[0] + off[:, None, None])
+                + 0.002 * (cen[2] * vs[2] + off[None, None, :])) + 0 * off[None, :, None]
+    np.testing.assert_allclose(p[0, 0], exp, atol=1e-5)
+
+
+def test_mask_channels_and_physical_size_with_anisotropic_voxels():
+    vs = (1.0, 1.0, 2.0)
+    shape = (64, 64, 32)
+    labels = np.zeros(shape, np.int32)
+    # a sphere of radius 6 mm: 6 voxels in-plane, 3 voxels through-plane
+    g = np.indices(shape, dtype=float)
+    r_mm = np.sqrt((g[0] - 32) ** 2 + (g[1] - 32) ** 2 + ((g[2] - 16) * 2) ** 2)
+    labels[r_mm <= 6] = 3
+    labels[32, 44:48, 15:18] = 5  # a neighbour 12-15 mm away
+    flair = np.ones(shape, np.float32) * 100
+    flair[labels > 0] = 250
+    p = extract_patches({"qsm": np.zeros(shape), "flair": flair}, labels, [3, 5],
+                        voxel_size_mm=vs, patch_mm=32, patch_voxels=32)
+    les, oth = p[0, 2], p[0, 3]
+    assert set(np.unique(les)) == {0.0, 1.0}
+    # the sphere spans ~12-13 mm in every direction of the (isotropic 1 mm) patch
+    for axis in range(3):
+        extent = np.any(les > 0, axis=tuple(a for a in range(3) if a != axis)).sum()
+        assert 11 <= extent <= 14, (axis, extent)
+    assert oth.sum() > 0 and not np.any((oth > 0) & (les > 0))
+    # FLAIR: normal-appearing tissue is 1, lesion 2.5
+    assert np.isclose(np.median(p[0, 1][les == 0]), 1.0)
+    assert np.isclose(p[0, 1][les > 0].max(), 2.5)
+    # patch of lesion 5 marks lesion 3 as "others"
+    assert p[1, 3].sum() > p[1, 2].sum()
+
+
+def test_edge_lesion_uses_edge_padding():
+    shape = (24, 24, 24)
+    labels = np.zeros(shape, np.int32)
+    labels[0:3, 0:3, 10:13] = 1
+    chi = np.full(shape, 0.02)
+    chi[0, :, :] = 0.05
+    p = extract_patches({"qsm": chi}, labels, [1], voxel_size_mm=(1, 1, 1), patch_mm=16,
+                        patch_voxels=16, channels=("qsm", "lesion"))
+    assert np.all(np.isfinite(p))
+    # everything below index 0 repeats the edge slice (0.5 after scaling)
+    cen = lesion_centroids_vox(labels, [1])[0]
+    x = patch_coordinates(cen, voxel_size_mm=(1, 1, 1), patch_mm=16, patch_voxels=16)[0]
+    assert np.all(p[0, 0][x <= 0] == pytest.approx(0.5))
+    assert np.allclose(p[0, 0][x >= 1.0], 0.2)
+    assert p[0, 1].sum() == 27  # masks are not padded: 3x3x3 voxels at 1 mm
+
+
+def test_qsm_is_clipped_and_bad_inputs_are_refused():
+    shape = (16, 16, 16)
+    labels = np.zeros(shape, np.int32)
+    labels[6:9, 6:9, 6:9] = 1
+    chi = np.full(shape, 2.0)
+    p = extract_patches({"qsm": chi}, labels, [1], voxel_size_mm=(1, 1, 1), channels=("qsm",))
+    assert np.all(p == QSM_CLIP)
+    with pytest.raises(InputError, match="not found"):
+        extract_patches({"qsm": chi}, labels, [2], voxel_size_mm=(1, 1, 1), channels=("qsm",))
+    with pytest.raises(InputError, match="resample"):
+        extract_patches({"qsm": chi[:-1]}, labels, [1], voxel_size_mm=(1, 1, 1),
+                        channels=("qsm",))
+    with pytest.raises(InputError, match="needs a 'flair'"):
+        extract_patches({"qsm": chi}, labels, [1], voxel_size_mm=(1, 1, 1))
+    with pytest.raises(InputError, match="unknown patch channel"):
+        extract_patches({"qsm": chi}, labels, [1], voxel_size_mm=(1, 1, 1), channels=("t1",))
+    bad = chi.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        extract_patches({"qsm": bad}, labels, [1], voxel_size_mm=(1, 1, 1), channels=("qsm",))
+    with pytest.raises(InputError, match="normal-appearing"):
+        flair_reference(np.zeros(shape))
+
+
+def test_no_lesions_gives_empty_array():
+    p = extract_patches({"qsm": np.zeros((8, 8, 8))}, np.zeros((8, 8, 8), np.int32), [],
+                        voxel_size_mm=(1, 1, 1), patch_voxels=8, channels=("qsm", "lesion"))
+    assert p.shape == (0, 2, 8, 8, 8)
+
+
+def test_patch_cache_round_trip(tmp_path, rng):
+    a = rng.normal(size=(3, 2, 8, 8, 8)).astype(np.float32)
+    b = rng.normal(size=(2, 2, 8, 8, 8)).astype(np.float32)
+    ta = pd.DataFrame({"participant_id": ["sub-01"] * 3, "session_id": ["n/a"] * 3,
+                       "lesion_id": [1, 2, 3], "label": [0, 1, 0]})
+    tb = pd.DataFrame({"participant_id": ["sub-02"] * 2, "session_id": ["ses-01"] * 2,
+                       "lesion_id": [1, 4], "label": [1, 1]})
+    out = build_patch_cache(tmp_path / "cache", [(a, ta), (b, tb)], channels=("qsm", "lesion"),
+                            patch_mm=8.0, patch_voxels=8, metadata={"seed": 3})
+    patches, table = load_patch_cache(out)
+    np.testing.assert_array_equal(patches, np.concatenate([a, b]))
+    assert table["patch_index"].tolist() == [0, 1, 2, 3, 4]
+    assert table["label"].tolist() == [0, 1, 0, 1, 1]
+    assert table["session_id"].tolist() == ["n/a"] * 3 + ["ses-01"] * 2
+    assert table.attrs["channels"] == ["qsm", "lesion"]
+    assert table.attrs["metadata"] == {"seed": 3}
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    with pytest.raises(InputError, match="already exists"):
+        build_patch_cache(out, [(a, ta)], channels=("qsm", "lesion"), patch_mm=8.0,
+                          patch_voxels=8)
+    with pytest.raises(InputError, match="expected"):
+        build_patch_cache(tmp_path / "c2", [(a[:, :1], ta)], channels=("qsm", "lesion"),
+                          patch_mm=8.0, patch_voxels=8)
+    with pytest.raises(InputError, match="not a patch cache"):
+        load_patch_cache(tmp_path / "nothing")
+
+
+def test_patch_cache_float16(tmp_path, rng):
+    a = rng.normal(size=(2, 1, 4, 4, 4)).astype(np.float32)
+    t = pd.DataFrame({"participant_id": ["sub-01"] * 2, "session_id": ["n/a"] * 2,
+                      "lesion_id": [1, 2]})
+    out = build_patch_cache(tmp_path / "c", [(a, t)], channels=("qsm",), patch_mm=4.0,
+                            patch_voxels=4, dtype=np.float16)
+    patches, _ = load_patch_cache(out)
+    assert patches.dtype == np.float16
+    np.testing.assert_allclose(patches.astype(np.float32), a, atol=2e-3)
