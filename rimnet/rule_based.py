@@ -1,0 +1,362 @@
+"""An interpretable, NAIMS-inspired rule-based paramagnetic-rim detector.
+
+It works on the same patches as the CNN (:mod:`rimnet.patches`; it reads the ``qsm``, ``lesion``
+and, if present, ``others`` channels), so both scorers share evaluation code. For each lesion:
+
+1. **Regions** (distances in mm from the lesion mask's edge, patch spacing ``patch_mm / P``):
+   the *rim band* is the lesion's outer layer (``d_in <= rim_inner_mm``) plus the tissue just
+   outside it (``0 < d_out <= rim_outer_mm``); the *core* is the lesion deeper than the band
+   (its deepest voxels for lesions too small to have one); *NAWM* is the ring
+   ``nawm_inner_mm < d_out <= nawm_outer_mm``. Voxels of other lesions are left out of all.
+   Contrast is susceptibility minus the NAWM median (ppm).
+2. **Vein suppression**: voxels brighter than ``vein_min_ppm`` above NAWM (rims are
+   +0.01...+0.06 ppm, veins +0.3...+0.45 ppm before partial volume) that form a connected
+   (26-connectivity) structure reaching further than ``vein_reach_mm`` beyond the lesion edge
+   -- a vessel passing by or a central vein leaving the lesion -- are masked, with a one-voxel
+   margin. A masked sector counts as not covered; masked core voxels are left out of the core.
+3. **Angular coverage** per slice (patch axis ``slice_axis``; axis 2 = the scan's slice axis):
+   the band of each slice through the lesion is split into ``n_sectors`` angular sectors around
+   the lesion's in-slice centroid; a sector is *positive* when its mean contrast exceeds
+   ``rim_contrast_ppm``. Coverage = positive sectors / sectors holding band voxels (slices
+   with fewer than ``min_sector_fraction`` of the sectors populated get 0).
+4. **Call** (NAIMS-style): PRL if coverage >= ``coverage_min`` (2/3) on at least
+   ``min_slices`` (2) consecutive slices **and** the rim-minus-core contrast is positive.
+5. **Score**: the margin ``min(run_coverage / coverage_min - 1, rim_minus_core_ppm /
+   contrast_scale_ppm)``, where ``run_coverage`` is the best coverage held over ``min_slices``
+   consecutive slices, with ties broken by the mean band contrast; its sign is the call.
+   ``predict_proba`` is ``sigmoid(margin / temperature)``.
+
+The estimator follows scikit-learn conventions: the constructor only stores parameters,
+``fit`` validates ``X`` and sets ``classes_ = [0, 1]`` (optionally tuning ``threshold_`` on the
+margin to maximise Youden's J when ``tune_threshold=True``), and returns ``self``.
+``X`` may be an array of patches (N, C, P, P, P) or its flattened form (N, C*P**3) together
+with ``patch_shape=(C, P, P, P)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from qsm_core.errors import InputError
+from rimnet.patches import DEFAULT_CHANNELS, QSM_SCALE
+
+__all__ = ["RuleBasedRimDetector", "rim_features", "truncated_edt", "FEATURE_NAMES"]
+
+FEATURE_NAMES = ("run_coverage", "max_coverage", "rim_minus_core_ppm", "rim_minus_nawm_ppm",
+                 "nawm_ppm", "n_slices", "n_vein_voxels", "rule_call", "margin")
+
+_STRUCT26 = np.ones((3, 3, 3), bool)
+
+
+def truncated_edt(mask: np.ndarray, *, spacing_mm: float, max_mm: float) -> np.ndarray:
+    """Euclidean distance (mm) to the nearest ``True`` voxel, exact up to ``max_mm``.
+
+    Separable min-plus passes along each axis with offsets of at most ``max_mm``; distances
+    beyond ``max_mm`` are >= ``max_mm`` (possibly ``inf``). Faster than a full EDT when only
+    short distances matter.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (X, Y, Z)
+    spacing_mm : float
+        Isotropic grid spacing.
+    max_mm : float
+
+    Returns
+    -------
+    ndarray of float32, shape (X, Y, Z)
+    """
+    d2 = np.where(mask, np.float32(0), np.float32(np.inf))
+    t_max = int(np.floor(max_mm / spacing_mm))
+    for axis in range(d2.ndim):
+        src = np.moveaxis(d2, axis, 0)
+        out = src.copy()
+        for t in range(1, min(t_max, src.shape[0] - 1) + 1):
+            w = np.float32((t * spacing_mm) ** 2)
+            np.minimum(out[t:], src[:-t] + w, out=out[t:])
+            np.minimum(out[:-t], src[t:] + w, out=out[:-t])
+        d2 = np.moveaxis(out, 0, axis)
+    return np.sqrt(d2)
+
+
+def _empty_features() -> dict:
+    return {"run_coverage": 0.0, "max_coverage": 0.0, "rim_minus_core_ppm": 0.0,
+            "rim_minus_nawm_ppm": 0.0, "nawm_ppm": 0.0, "n_slices": 0, "n_vein_voxels": 0,
+            "rule_call": 0, "margin": -1.0}
+
+
+def rim_features(chi_ppm: np.ndarray, lesion: np.ndarray, others: np.ndarray | None = None, *,
+                 spacing_mm: float = 1.0, rim_inner_mm: float = 1.0, rim_outer_mm: float = 2.0,
+                 nawm_inner_mm: float = 3.0, nawm_outer_mm: float = 6.0, n_sectors: int = 12,
+                 rim_contrast_ppm: float = 0.01, coverage_min: float = 2 / 3,
+                 min_slices: int = 2, min_sector_fraction: float = 0.5,
+                 vein_min_ppm: float = 0.10, vein_reach_mm: float = 3.0,
+                 contrast_scale_ppm: float = 0.02, slice_axis: int = 2) -> dict:
+    """Rim features of one lesion patch (see the module docstring for the rules).
+
+    Parameters
+    ----------
+    chi_ppm : ndarray, shape (P, P, P)
+        Susceptibility (ppm) on an isotropic grid of ``spacing_mm``.
+    lesion : ndarray, shape (P, P, P)
+        The lesion's mask (> 0.5 inside).
+    others : ndarray, shape (P, P, P), optional
+        Other lesions' mask (> 0.5 inside), left out of every region.
+    spacing_mm : float
+        Grid spacing (mm).
+
+    Returns
+    -------
+    dict
+        ``run_coverage``, ``max_coverage`` (fractions), ``rim_minus_core_ppm``,
+        ``rim_minus_nawm_ppm``, ``nawm_ppm``, ``n_slices`` (slices through the lesion),
+        ``n_vein_voxels``, ``rule_call`` (0/1) and ``margin`` (the score; >= 0 iff the call).
+    """
+    les = np.asarray(lesion) > 0.5
+    if not les.any():
+        return _empty_features()
+    oth = (np.asarray(others) > 0.5) if others is not None else np.zeros_like(les)
+    # Crop to the lesion's bounding box plus the NAWM ring.
+    pad = int(np.ceil(max(nawm_outer_mm, vein_reach_mm + rim_outer_mm) / spacing_mm)) + 2
+    nz = np.nonzero(les)
+    box = tuple(slice(max(int(ix.min()) - pad, 0), min(int(ix.max()) + pad + 1, les.shape[a]))
+                for a, ix in enumerate(nz))
+    les, oth = les[box], oth[box] & ~les[box]
+    chi = np.asarray(chi_ppm, dtype=np.float32)[box]
+    if slice_axis != 2:
+        les, oth, chi = (np.moveaxis(a, slice_axis, 2) for a in (les, oth, chi))
+
+    reach_mm = max(nawm_outer_mm, rim_outer_mm + vein_reach_mm) + spacing_mm
+    d_out = truncated_edt(les, spacing_mm=spacing_mm, max_mm=reach_mm)
+    d_in = truncated_edt(~les, spacing_mm=spacing_mm, max_mm=rim_inner_mm + spacing_mm)
+    free = ~oth
+    band = ((les & (d_in <= rim_inner_mm)) | (~les & (d_out <= rim_outer_mm))) & free
+    core = les & (d_in > rim_inner_mm)
+    if not core.any():
+        core = les & (d_in >= d_in[les].max())
+    ring = ~les & free & (d_out > nawm_inner_mm) & (d_out <= nawm_outer_mm)
+    if not ring.any():
+        ring = ~les & free & (d_out > rim_outer_mm)
+    nawm = float(np.median(chi[ring])) if ring.any() else 0.0
+    con = chi - nawm
+
+    # Vein suppression: bright connected structures reaching far beyond the lesion.
+    bright = con > vein_min_ppm
+    vein = np.zeros_like(les)
+    if bright.any():
+        comp, n = ndimage.label(bright, structure=_STRUCT26)
+        if n:
+            reach = ndimage.maximum(d_out, comp, index=np.arange(1, n + 1))
+            veins = np.flatnonzero(np.asarray(reach) > rim_outer_mm + vein_reach_mm) + 1
+            if veins.size:
+                vein = ndimage.binary_dilation(np.isin(comp, veins), structure=_STRUCT26)
+    n_vein = int(np.count_nonzero(vein & (band | core)))
+
+    # Angular sectors per slice.
+    nk = les.shape[2]
+    counts_l = les.sum(axis=(0, 1))
+    ii, jj = np.indices(les.shape[:2], dtype=np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ci = (les * ii[..., None]).sum(axis=(0, 1)) / counts_l
+        cj = (les * jj[..., None]).sum(axis=(0, 1)) / counts_l
+    bi, bj, bk = np.nonzero(band)
+    on_lesion_slice = counts_l[bk] > 0
+    bi, bj, bk = bi[on_lesion_slice], bj[on_lesion_slice], bk[on_lesion_slice]
+    ang = np.arctan2(bj - cj[bk], bi - ci[bk])
+    sec = np.minimum(((ang + np.pi) / (2 * np.pi) * n_sectors).astype(int), n_sectors - 1)
+    key = bk * n_sectors + sec
+    usable = ~vein[bi, bj, bk]
+    tot = np.bincount(key, minlength=nk * n_sectors).reshape(nk, n_sectors)
+    cnt = np.bincount(key[usable], minlength=nk * n_sectors).reshape(nk, n_sectors)
+    sm = np.bincount(key[usable], weights=con[bi, bj, bk][usable],
+                     minlength=nk * n_sectors).reshape(nk, n_sectors)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = sm / cnt
+    positive = (cnt > 0) & (mean > rim_contrast_ppm)
+    available = (tot > 0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cov = np.where(available >= min_sector_fraction * n_sectors,
+                       positive.sum(axis=1) / np.maximum(available, 1), 0.0)
+    cov = cov[counts_l > 0]
+    w = int(min_slices)
+    if cov.size >= w:
+        run_cov = float(np.max(np.lib.stride_tricks.sliding_window_view(cov, w).min(axis=1)))
+    else:
+        run_cov = 0.0
+
+    band_ok = band & ~vein
+    core_ok = core & ~vein
+    if not core_ok.any():
+        core_ok = core
+    rim_mean = float(con[band_ok].mean()) if band_ok.any() else 0.0
+    rim_minus_core = rim_mean - float(np.median(con[core_ok]))
+
+    call = bool(run_cov >= coverage_min - 1e-9 and rim_minus_core > 0)
+    a = run_cov / coverage_min - 1.0
+    b = rim_minus_core / contrast_scale_ppm
+    tie = 0.01 * (1.0 + np.tanh(rim_mean / contrast_scale_ppm)) / 2.0
+    margin = float(min(a, b) + tie)
+    margin = max(margin, 0.0) if call else min(margin, -1e-6)
+    return {"run_coverage": run_cov, "max_coverage": float(cov.max()) if cov.size else 0.0,
+            "rim_minus_core_ppm": rim_minus_core, "rim_minus_nawm_ppm": rim_mean,
+            "nawm_ppm": nawm, "n_slices": int(cov.size), "n_vein_voxels": n_vein,
+            "rule_call": int(call), "margin": margin}
+
+
+class RuleBasedRimDetector(ClassifierMixin, BaseEstimator):
+    """NAIMS-inspired rule-based PRL detector with a scikit-learn interface.
+
+    Parameters
+    ----------
+    channels : tuple of str
+        Channel names of the patches (must include ``qsm`` and ``lesion``).
+    patch_mm : float
+        Physical side of the patches (mm); the grid spacing is ``patch_mm / P``.
+    patch_shape : tuple of 4 ints, optional
+        ``(C, P, P, P)``; needed when ``X`` is given flattened (N, C*P**3).
+    rim_inner_mm, rim_outer_mm : float
+        Rim band: lesion voxels within ``rim_inner_mm`` of its edge and outside voxels within
+        ``rim_outer_mm`` (1 and 2 mm).
+    nawm_inner_mm, nawm_outer_mm : float
+        Normal-appearing white-matter reference ring (3-6 mm outside the edge).
+    n_sectors : int
+        Angular sectors per slice (12, i.e. 30 degrees).
+    rim_contrast_ppm : float
+        Mean sector contrast above NAWM that makes a sector positive (0.01 ppm).
+    coverage_min : float
+        Coverage needed per slice (2/3).
+    min_slices : int
+        Consecutive slices needing that coverage (2).
+    min_sector_fraction : float
+        A slice counts only if at least this fraction of its sectors holds band voxels.
+    vein_min_ppm, vein_reach_mm : float
+        Vein suppression: structures brighter than 0.10 ppm above NAWM that reach more than
+        3 mm beyond the rim band are masked.
+    contrast_scale_ppm : float
+        Scale of the contrast term of the margin (0.02 ppm).
+    temperature : float
+        ``predict_proba = sigmoid((margin - threshold_) / temperature)``.
+    slice_axis : int
+        Patch axis across slices (2).
+    tune_threshold : bool
+        If True, ``fit`` chooses ``threshold_`` on the margin maximising Youden's J; else
+        ``threshold_ = 0`` and the call is exactly the NAIMS-style rule.
+    """
+
+    def __init__(self, *, channels=DEFAULT_CHANNELS, patch_mm=32.0, patch_shape=None,
+                 rim_inner_mm=1.0, rim_outer_mm=2.0, nawm_inner_mm=3.0, nawm_outer_mm=6.0,
+                 n_sectors=12, rim_contrast_ppm=0.01, coverage_min=2 / 3, min_slices=2,
+                 min_sector_fraction=0.5, vein_min_ppm=0.10, vein_reach_mm=3.0,
+                 contrast_scale_ppm=0.02, temperature=0.1, slice_axis=2, tune_threshold=False):
+        self.channels = channels
+        self.patch_mm = patch_mm
+        self.patch_shape = patch_shape
+        self.rim_inner_mm = rim_inner_mm
+        self.rim_outer_mm = rim_outer_mm
+        self.nawm_inner_mm = nawm_inner_mm
+        self.nawm_outer_mm = nawm_outer_mm
+        self.n_sectors = n_sectors
+        self.rim_contrast_ppm = rim_contrast_ppm
+        self.coverage_min = coverage_min
+        self.min_slices = min_slices
+        self.min_sector_fraction = min_sector_fraction
+        self.vein_min_ppm = vein_min_ppm
+        self.vein_reach_mm = vein_reach_mm
+        self.contrast_scale_ppm = contrast_scale_ppm
+        self.temperature = temperature
+        self.slice_axis = slice_axis
+        self.tune_threshold = tune_threshold
+
+    # -- input handling -------------------------------------------------------------------
+    def _patches(self, X) -> np.ndarray:
+        X = np.asarray(X)
+        if X.ndim == 2:
+            if self.patch_shape is None:
+                raise InputError("X is 2-D (flattened patches): set patch_shape=(C, P, P, P)")
+            shape = tuple(int(s) for s in self.patch_shape)
+            if X.shape[1] != int(np.prod(shape)):
+                raise InputError(f"X has {X.shape[1]} features, patch_shape {shape} needs "
+                                 f"{int(np.prod(shape))}")
+            X = X.reshape((X.shape[0], *shape))
+        if X.ndim != 5:
+            raise InputError(f"X must be patches (N, C, P, P, P) or (N, C*P^3), got {X.shape}")
+        chans = tuple(self.channels)
+        if X.shape[1] != len(chans):
+            raise InputError(f"patches have {X.shape[1]} channels but channels={chans}")
+        for need in ("qsm", "lesion"):
+            if need not in chans:
+                raise InputError(f"the rule-based detector needs a {need!r} channel; "
+                                 f"channels={chans}")
+        if not np.all(np.isfinite(X)):
+            raise InputError("patches contain NaN/Inf")
+        return X
+
+    def _margins(self, X) -> pd.DataFrame:
+        X = self._patches(X)
+        chans = tuple(self.channels)
+        iq, il = chans.index("qsm"), chans.index("lesion")
+        io = chans.index("others") if "others" in chans else None
+        spacing = float(self.patch_mm) / X.shape[-1]
+        kw = {k: getattr(self, k) for k in (
+            "rim_inner_mm", "rim_outer_mm", "nawm_inner_mm", "nawm_outer_mm", "n_sectors",
+            "rim_contrast_ppm", "coverage_min", "min_slices", "min_sector_fraction",
+            "vein_min_ppm", "vein_reach_mm", "contrast_scale_ppm", "slice_axis")}
+        rows = [rim_features(x[iq] / QSM_SCALE, x[il], x[io] if io is not None else None,
+                             spacing_mm=spacing, **kw) for x in X]
+        return pd.DataFrame(rows, columns=list(FEATURE_NAMES))
+
+    # -- estimator API --------------------------------------------------------------------
+    def fit(self, X, y=None):
+        """Validate ``X``; tune ``threshold_`` if asked. Returns ``self``."""
+        self.classes_ = np.array([0, 1])
+        X = self._patches(X)
+        self.n_features_in_ = int(np.prod(X.shape[1:]))
+        self.threshold_ = 0.0
+        if self.tune_threshold:
+            if y is None:
+                raise InputError("tune_threshold=True needs labels y")
+            y = np.asarray(y).astype(int).ravel()
+            if len(y) != len(X) or not np.isin(y, (0, 1)).all():
+                raise InputError("y must hold one 0/1 label per patch")
+            if y.min() == y.max():
+                raise InputError("tune_threshold=True needs both classes in y")
+            m = self._margins(X)["margin"].to_numpy()
+            cands = np.unique(m)
+            j = [(np.mean(m[y == 1] >= t) - np.mean(m[y == 0] >= t)) for t in cands]
+            self.threshold_ = float(cands[int(np.argmax(j))])
+        return self
+
+    def _check_fitted(self):
+        if not hasattr(self, "threshold_"):
+            from sklearn.exceptions import NotFittedError
+
+            raise NotFittedError("call fit (it tunes nothing by default) before predicting")
+
+    def explain(self, X) -> pd.DataFrame:
+        """Per-lesion features behind the call (one row per patch, :data:`FEATURE_NAMES`)."""
+        return self._margins(X)
+
+    def decision_function(self, X) -> np.ndarray:
+        """Margin minus ``threshold_``, shape (N,); >= 0 means a PRL call."""
+        self._check_fitted()
+        return self._margins(X)["margin"].to_numpy(float) - self.threshold_
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Shape (N, 2): columns follow ``classes_`` = [0, 1]."""
+        d = self.decision_function(X)
+        p1 = 1.0 / (1.0 + np.exp(-np.clip(d / self.temperature, -50, 50)))
+        return np.stack([1.0 - p1, p1], axis=1)
+
+    def predict(self, X) -> np.ndarray:
+        """0/1 calls, shape (N,)."""
+        return (self.decision_function(X) >= 0).astype(int)
+
+    def score_and_call(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """Probability of a rim and the call in one pass (what the predictor writes)."""
+        self._check_fitted()
+        d = self._margins(X)["margin"].to_numpy(float) - self.threshold_
+        p1 = 1.0 / (1.0 + np.exp(-np.clip(d / self.temperature, -50, 50)))
+        return p1, (d >= 0).astype(int)
