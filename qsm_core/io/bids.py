@@ -317,6 +317,7 @@ class Scan:
             return self
         self._check_problem()
         te_s = self.te_s
+        _ = self.field_strength_t  # metadata errors before reading any image
         n_echo = len(te_s)
         if len(self.magnitude_files) != len(self.phase_files):
             raise InputError(f"{self.name}: {len(self.magnitude_files)} magnitude file(s) but "
@@ -345,7 +346,7 @@ class Scan:
             units = self.phase_units_override
             if units is None and i < len(self.phase_meta):
                 units = self.phase_meta[i].get("Units")
-                if units is None:
+                if units is None and self.phase_meta[i]:
                     logger.warning("%s: no Units in the phase sidecar; detecting the scaling",
                                    pf)
             normalise_units(units, source=str(pf))
