@@ -287,8 +287,11 @@ def _followup_tables(result: dict) -> list:
 
 
 def build_tables(result: dict) -> dict:
-    """All report tables: ``{"key": [...], "detail": [...]}``, each table a dict with
-    ``id``, ``title``, ``header``, ``rows`` (strings) and an optional ``note``."""
+    """All report tables, as ``{"key": [...], "detail": [...]}``.
+
+    Each table is a dict with ``id``, ``title``, ``header``, ``rows`` (strings) and an
+    optional ``note``.
+    """
     refs = result["parameters"]["references"]
     key = [_lesion_table(result, refs[0]), _delong_table(result), _reader_table(result),
            _patient_table(result)]
@@ -351,8 +354,9 @@ def render_markdown(result: dict) -> str:
     """The report as Markdown (tables only; figures are in the HTML)."""
     tabs = build_tables(result)
     inp = result["inputs"]
+    groups = ", ".join(f"{k}: {v}" for k, v in inp["groups"].items())
     parts = [f"# {result['title']}", "", *[f"- {x}" for x in _provenance_lines(result)], "",
-             f"{inp['n_participants']} participants ({', '.join(f'{k}: {v}' for k, v in inp['groups'].items())}), "
+             f"{inp['n_participants']} participants ({groups}), "
              f"{inp['n_sessions']} scans, {inp['n_lesions']} lesions; readers: "
              f"{', '.join(inp['readers']) or 'none'}; scorers: "
              f"{', '.join(s['name'] for s in inp['scorers']) or 'none'}.", "",
@@ -445,8 +449,9 @@ def render_html(result: dict, figures: dict | None = None) -> str:
     inp = result["inputs"]
     prov = "<br>".join(e(x) for x in _provenance_lines(result))
     par = result["parameters"]
-    params = (f"reference: <b>{e(par['reference'])}</b>"
-              f"{' (also vs ' + e(', '.join(par['references'][1:])) + ')' if len(par['references']) > 1 else ''}; "
+    also = (" (also vs " + e(", ".join(par["references"][1:])) + ")"
+            if len(par["references"]) > 1 else "")
+    params = (f"reference: <b>{e(par['reference'])}</b>{also}; "
               f"threshold: {e(str(par['threshold']))}; groups: {e(par['group_column'])} "
               f"({e(str(par['positive_group']))} vs "
               f"{e(str(par['negative_group'] or 'all others'))}); bootstrap: {par['n_boot']} "
@@ -477,7 +482,8 @@ def render_html(result: dict, figures: dict | None = None) -> str:
             # 150-dpi PNGs shown at print size (96 CSS px per inch)
             width = int(struct.unpack(">I", f["png"][16:20])[0] * 96 / 150)
             out.append(f'<figure id="fig-{e(key)}"><img alt="{e(key)} figure" '
-                       f'style="width:{width}px" src="data:image/png;base64,{b64}"><figcaption><b>Figure {i}.</b> '
+                       f'style="width:{width}px" src="data:image/png;base64,{b64}">'
+                       f"<figcaption><b>Figure {i}.</b> "
                        f"{e(f['caption'])}</figcaption></figure>")
     out.append("<h2>Details</h2>")
     for t in tabs["detail"]:
