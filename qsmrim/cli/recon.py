@@ -73,8 +73,9 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "recon") -> None:
                      help="phase units (default: the phase sidecar's Units, else detected); "
                           "vendor integer scaling is detected and rescaled")
     acq.add_argument("--phase-sign", type=int, choices=(1, -1), default=1,
-                     help="+1: phase = +2 pi f TE (default, right-handed); -1 for scanners "
-                          "with the opposite convention (paramagnetic then shows dark)")
+                     help="+1: phase = phi0 + 2 pi f TE (default, right-handed); -1 for "
+                          "data in the opposite convention (without it, paramagnetic "
+                          "sources come out dark)")
     alg = parser.add_argument_group("algorithm")
     alg.add_argument("--method", choices=INVERSION_CHOICES, default="ilsqr",
                      help="dipole inversion (default: ilsqr)")
