@@ -32,7 +32,7 @@ from qsm_core.io.nifti import load_nifti
 from qsm_core.io.phase import normalise_units, phase_to_rad
 
 __all__ = ["Scan", "discover_scans", "scan_from_files", "parse_entities", "normalise_label",
-           "load_mask"]
+           "load_mask", "write_megre"]
 
 logger = logging.getLogger(__name__)
 
@@ -563,3 +563,72 @@ def scan_from_files(magnitude_files, phase_files, *, te_s=None, field_strength_t
                 phase_meta=tuple(side(f) for f in pfiles),
                 te_override_s=None if te_s is None else tuple(float(t) for t in te_s),
                 field_strength_override_t=field_strength_t, phase_units_override=phase_units)
+
+
+def write_megre(bids_dir, participant_id, session_id, magnitude, phase_rad, te_s, affine, *,
+                field_strength_t: float, entities=None, four_d: bool = False,
+                metadata=None) -> tuple[list[Path], list[Path]]:
+    """Write one multi-echo GRE scan as BIDS raw data (the inverse of :func:`discover_scans`).
+
+    For simulators and converters: images and sidecars are written atomically, phase in
+    radians with ``Units: rad``.
+
+    Parameters
+    ----------
+    bids_dir : str or Path
+    participant_id, session_id : str
+        ``'sub-01'`` / ``'01'``; ``session_id`` None for single-session data.
+    magnitude, phase_rad : ndarray, shape (X, Y, Z, E)
+        Echoes last; phase in radians (wrapped or not).
+    te_s : sequence of E floats
+        Echo times (s), increasing.
+    affine : ndarray, shape (4, 4)
+    field_strength_t : float
+        ``MagneticFieldStrength`` (T).
+    entities : dict, optional
+        Other entities (``{'acq': 'siemens'}``), in BIDS order.
+    four_d : bool
+        One 4D file per part (``EchoTime`` a list) instead of one file per echo.
+    metadata : dict, optional
+        More sidecar fields (e.g. ``Manufacturer``, ``FlipAngle``).
+
+    Returns
+    -------
+    magnitude_files, phase_files : list of Path
+    """
+    from qsm_core.io.atomic import write_json
+    from qsm_core.io.nifti import save_nifti
+    from qsm_core.io.phase import wrap_rad
+
+    sub = normalise_label(participant_id, "sub")
+    ses = normalise_label(session_id, "ses")
+    mag = np.asarray(magnitude, dtype=np.float32)
+    pha = np.asarray(phase_rad, dtype=np.float32)
+    if mag.ndim == 3:
+        mag, pha = mag[..., None], pha[..., None]
+    te = [float(t) for t in np.atleast_1d(te_s)]
+    if mag.shape != pha.shape or mag.ndim != 4 or mag.shape[3] != len(te):
+        raise InputError(f"write_megre: magnitude {mag.shape}, phase {pha.shape} and "
+                         f"{len(te)} echo time(s) do not agree (echoes last)")
+    anat = Path(bids_dir) / sub / (ses or "") / "anat"
+    prefix = "_".join([sub] + ([ses] if ses else [])
+                      + [f"{k}-{v}" for k, v in (entities or {}).items()])
+    base = {"MagneticFieldStrength": float(field_strength_t)}
+    base.update(metadata or {})
+    items = [(None, slice(None), te)] if four_d else [
+        (e + 1, slice(e, e + 1), te[e]) for e in range(len(te))]
+    mfiles, pfiles = [], []
+    for num, sl, echo_te in items:
+        echo = "" if num is None else f"_echo-{num}"
+        for part, data, files in (("mag", mag, mfiles), ("phase", pha, pfiles)):
+            stem = f"{prefix}{echo}_part-{part}_MEGRE"
+            vol = data[..., sl]
+            vol = vol[..., 0] if vol.shape[3] == 1 else vol
+            if part == "phase":
+                vol = wrap_rad(vol)
+            files.append(save_nifti(anat / f"{stem}.nii.gz", vol, affine))
+            meta = dict(base, EchoTime=echo_te)
+            if part == "phase":
+                meta["Units"] = "rad"
+            write_json(anat / f"{stem}.json", meta)
+    return mfiles, pfiles

@@ -206,3 +206,23 @@ def test_load_mask_checks(tmp_path):
     m = load_mask(tmp_path / "good.nii.gz", shape=(4, 5, 6), affine=aff)
     assert m.dtype == bool and m.sum() == 8
     assert nib.load(str(tmp_path / "good.nii.gz")).shape == (4, 5, 6)
+
+
+@pytest.mark.parametrize("four_d", [False, True])
+def test_write_megre_round_trips_through_discovery(tmp_path, rng, four_d):
+    from qsm_core.io.bids import write_megre
+
+    mag, _ = random_scan(rng, n_echo=3)
+    phase = rng.uniform(-3 * np.pi, 3 * np.pi, mag.shape)  # unwrapped: written wrapped
+    aff = np.diag([0.9, 0.9, 2.0, 1.0])
+    write_megre(tmp_path, "01", "2", mag, phase, (0.004, 0.008, 0.012), aff,
+                field_strength_t=3.0, entities={"acq": "sim"}, four_d=four_d,
+                metadata={"Manufacturer": "qsmrim-sim"})
+    scan = discover_scans(tmp_path)[0]
+    assert scan.name == "sub-01_ses-2_acq-sim"
+    assert len(scan.magnitude_files) == (1 if four_d else 3)
+    assert scan.te_s == (0.004, 0.008, 0.012) and scan.field_strength_t == 3.0
+    np.testing.assert_allclose(scan.magnitude, mag, atol=1e-6)
+    np.testing.assert_allclose(np.exp(1j * scan.phase_rad), np.exp(1j * phase), atol=1e-5)
+    np.testing.assert_allclose(scan.affine, aff)
+    assert scan.magnitude_meta[0]["Manufacturer"] == "qsmrim-sim"
