@@ -12,7 +12,25 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["not_estimable", "is_estimable", "finite_or_none", "json_safe", "collect_not_estimable"]
+__all__ = ["round_half_up", "not_estimable", "is_estimable", "finite_or_none", "json_safe",
+           "collect_not_estimable"]
+
+
+def round_half_up(x: float, digits: int) -> str:
+    """Decimal text of ``x`` rounded half away from zero, as papers round (81.25 -> 81.3).
+
+    Python's ``round`` and ``format`` round half to even on the binary value, which turns
+    26/32 = 81.25 % into 81.2.
+
+    Examples
+    --------
+    >>> round_half_up(81.25, 1), round_half_up(0.125, 2), round_half_up(-2.5, 0)
+    ('81.3', '0.13', '-3')
+    """
+    from decimal import ROUND_HALF_UP, Decimal
+
+    q = Decimal(1).scaleb(-digits)
+    return str(Decimal(repr(float(x))).quantize(q, rounding=ROUND_HALF_UP))
 
 
 def not_estimable(reason: str, **fields: Any) -> dict:

@@ -95,7 +95,7 @@ def _candidates(s: np.ndarray) -> np.ndarray:
 
 
 def youden_threshold(y_true, scores) -> float:
-    """Threshold maximising Youden's J = sensitivity + specificity - 1 (lowest on ties)."""
+    """Threshold maximising Youden's J = sensitivity + specificity - 1 (highest on ties)."""
     y = _as01(y_true, "reference")
     s = np.asarray(scores, float)
     if y.all() or not y.any():

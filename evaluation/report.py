@@ -13,6 +13,7 @@ import html
 import struct
 from pathlib import Path
 
+from evaluation._common import round_half_up
 from qsm_core.io.atomic import write_json, write_text
 
 __all__ = ["write_report", "build_tables", "render_markdown", "render_html", "fmt_ci", "fmt_p"]
@@ -25,9 +26,13 @@ def fmt_ci(e, *, pct: bool = False, digits: int | None = None) -> str:
         return "n.e."
     d = (1 if pct else 2) if digits is None else digits
     f = 100.0 if pct else 1.0
-    s = f"{f * e['estimate']:.{d}f}" + ("%" if pct else "")
+
+    def r(v):
+        return round_half_up(f * v, d)
+
+    s = r(e["estimate"]) + ("%" if pct else "")
     if e.get("ci_low") is not None and e.get("ci_high") is not None:
-        s += f" ({f * e['ci_low']:.{d}f}–{f * e['ci_high']:.{d}f})"
+        s += f" ({r(e['ci_low'])}–{r(e['ci_high'])})"
     return s
 
 
