@@ -144,6 +144,7 @@ def test_isolation_resume_and_overwrite(tmp_path, rng, monkeypatch, capsys):
     assert rc == 2  # bad input in one scan
     assert sorted(fake.calls) == [1.0, 3.0]  # the others finished
     assert "sub-02 failed: " in err and "sub-02_echo-1_part-mag_MEGRE.nii.gz" in err
+    assert "sub-01: inversion" in err and "scan/s" in err  # progress bar with stage names
     assert [(d["participant_id"], d["session_id"]) for d in find_derivatives(out)] == [
         ("sub-01", None), ("sub-03", "ses-1")]
     rows = (out / "qsmrim_failures.tsv").read_text().splitlines()
@@ -224,3 +225,30 @@ def test_mask_needs_a_single_scan(tmp_path, rng, monkeypatch, capsys):
     assert [d["participant_id"] for d in find_derivatives(out2)] == ["sub-02"]
     rows = (out2 / "qsmrim_failures.tsv").read_text().splitlines()
     assert len(rows) == 2 and "sub-01_desc-brain_mask.nii.gz: no such mask" in rows[1]
+
+
+def test_cuda_without_a_gpu_is_refused(tmp_path, rng, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    _cohort(raw, rng, subs=("01",))
+    assert main(["recon", str(raw), str(out), "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    te = (0.010, 0.020)
+    ph = head_phantom(shape=(48, 48, 48), te_s=te, noise=0.01)
+    raw = tmp_path / "raw"
+    write_megre(raw, "01", None, magnitude=ph["magnitude"], phase=ph["phase_rad"], te_s=te)
+    for dev in ("cpu", "cuda"):
+        assert main(["recon", str(raw), str(tmp_path / dev), "--device", dev]) == 0
+    cpu, gpu = (_load(find_derivative(tmp_path / d, "01", None, "Chimap")) for d in ("cpu", "cuda"))
+    mask = _load(find_derivative(tmp_path / "cpu", "01", None, "mask")) > 0
+    assert np.linalg.norm(gpu[mask] - cpu[mask]) / np.linalg.norm(cpu[mask]) < 5e-3
