@@ -335,7 +335,7 @@ def _tqdm_progress():
 
 
 def ilsqr(local_field_ppm, mask, *, voxel_size_mm, b0_dir, tol_lsqr: float = 0.01,
-          tol_streak: float = 1e-3, max_iter: int = 100, max_iter_streak: int | None = None,
+          tol_streak: float = 1e-3, max_iter: int = 50, max_iter_streak: int | None = None,
           device: str = "cpu", progress=None, pad_voxels=12, reference: str = "mask_mean",
           return_info: bool = False, keep_intermediate: bool = False):
     """Susceptibility by iLSQR (Li et al. 2015).
