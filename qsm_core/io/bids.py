@@ -101,8 +101,13 @@ def _read_json(path: Path) -> dict:
     return obj
 
 
-def _sidecar(image: Path, root: Path | None) -> dict:
-    """Merged sidecar of ``image`` (BIDS inheritance principle, nearest file wins)."""
+def _sidecar(image: Path, root: Path | None, cache: dict | None = None) -> dict:
+    """Merged sidecar of ``image`` (BIDS inheritance principle, nearest file wins).
+
+    ``cache`` (one per discovery) keeps folder listings and parsed JSON files, so that a
+    dataset of thousands of images lists each folder and reads each sidecar once.
+    """
+    cache = {} if cache is None else cache
     ents, suffix = parse_entities(image.name)
     folders = [image.parent]
     if root is not None:
@@ -112,13 +117,20 @@ def _sidecar(image: Path, root: Path | None) -> dict:
             folders.append(p)
     meta: dict = {}
     for folder in reversed(folders):  # top level first, the image's own folder last
-        cands = []
-        for js in sorted(folder.glob(f"*{suffix}.json")):
-            jents, jsuf = parse_entities(js.name)
-            if jsuf == suffix and all(ents.get(k) == v for k, v in jents.items()):
-                cands.append((len(jents), js))
+        key = ("dir", folder, suffix)
+        if key not in cache:
+            listing = []
+            for js in sorted(folder.glob(f"*{suffix}.json")):
+                jents, jsuf = parse_entities(js.name)
+                if jsuf == suffix:
+                    listing.append((jents, js))
+            cache[key] = listing
+        cands = [(len(jents), js) for jents, js in cache[key]
+                 if all(ents.get(k) == v for k, v in jents.items())]
         for _, js in sorted(cands):
-            meta.update(_read_json(js))
+            if ("json", js) not in cache:
+                cache[("json", js)] = _read_json(js)
+            meta.update(cache[("json", js)])
     return meta
 
 
@@ -478,6 +490,7 @@ def discover_scans(bids_dir, *, participant_labels=None) -> list[Scan]:
                          "sub-<L>/[ses-<S>/]anat/sub-<L>[_ses-<S>]_echo-<N>_part-{mag,phase}"
                          "_MEGRE.nii.gz")
     scans = []
+    cache: dict = {}
     for key in sorted(groups):
         g = groups[key]
         mag, pha, problem = g["mag"], g["phase"], g["problem"]
@@ -499,8 +512,8 @@ def discover_scans(bids_dir, *, participant_labels=None) -> list[Scan]:
         scans.append(Scan(
             participant_id=sub, session_id=ses, entities=extra,
             magnitude_files=mfiles, phase_files=pfiles,
-            magnitude_meta=tuple(_sidecar(f, root) for f in mfiles),
-            phase_meta=tuple(_sidecar(f, root) for f in pfiles),
+            magnitude_meta=tuple(_sidecar(f, root, cache) for f in mfiles),
+            phase_meta=tuple(_sidecar(f, root, cache) for f in pfiles),
             root=root, problem=problem))
     return scans
 
