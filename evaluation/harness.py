@@ -322,6 +322,8 @@ def evaluate(participants, lesions, predictions_list=(), *, truth_column: str | 
                              f"{known}")
         data.scorers = [s for s in data.scorers if s.name in scorers]
     binary.parse_threshold_rule(threshold)  # validate early
+    labels = group_labels(data.participants, group_column=group_column,
+                          positive_group=positive_group, negative_group=negative_group)
     calls = {s.name: scorer_calls(data, s, rule=threshold, reference=reference,
                                   n_folds=n_folds, seed=seed) for s in data.scorers}
     for name, (c, _) in calls.items():
@@ -341,16 +343,10 @@ def evaluate(participants, lesions, predictions_list=(), *, truth_column: str | 
     patient: dict = {"group_column": group_column, "positive_group": positive_group,
                      "negative_group": negative_group or "all other participants",
                      "session": "baseline (earliest session of each participant)"}
-    try:
-        labels = group_labels(data.participants, group_column=group_column,
-                              positive_group=positive_group, negative_group=negative_group)
-        patient["n_positive_group"] = int((labels == 1).sum())
-        patient["n_negative_group"] = int((labels == 0).sum())
-        patient["rules"] = patient_rules(counts, labels, list(rater_cols), min_counts=min_counts,
-                                         alpha=alpha)
-    except InputError as exc:
-        labels = None
-        patient["rules"] = not_estimable(str(exc))
+    patient["n_positive_group"] = int((labels == 1).sum())
+    patient["n_negative_group"] = int((labels == 0).sum())
+    patient["rules"] = patient_rules(counts, labels, list(rater_cols), min_counts=min_counts,
+                                     alpha=alpha)
     patient["count_agreement"] = {r: count_agreement(counts, r, list(rater_cols))
                                   for r in refs}
     counts_out = counts.reset_index()
