@@ -256,8 +256,8 @@ def plan_veins(base: Anatomy, rng: np.random.Generator, *, n_medullary: int | No
 def render_veins(anat: Anatomy, veins: list[Vein]) -> None:
     """Paint veins into ``anat`` in place (chi, R2*, PD, FLAIR, labels, vein_fraction).
 
-    Veins never replace air (small veins not skull either); a voxel becomes label ``vein`` (or ``venous_sinus``)
-    where its venous fraction is at least one half.
+    Veins never replace air (small veins not skull either); a voxel becomes label ``vein``
+    (or ``venous_sinus``) where its venous fraction is at least one half.
     """
     if not veins:
         return

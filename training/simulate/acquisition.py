@@ -1,0 +1,282 @@
+"""Acquisition: multi-echo GRE magnitude/phase and FLAIR from an anatomy.
+
+Physics (design.md section 4): the total field is :func:`qsm_core.dipole.forward_field_ppm`
+of the whole head's susceptibility (air included, so the background field and the phase
+wraps near the sinuses are real); then per echo
+
+    S(TE) = PD * exp(-R2* TE) * sinc-dephasing(grad B, TE) * exp(i (phi0 + s 2 pi gbar B0 f TE))
+
+with ``s`` the phase sign (+1, right-handed), ``phi0`` a smooth offset, complex Gaussian noise
+at a stated SNR (white-matter signal at TE = 0 over the noise standard deviation per
+channel). Images are simulated on the anatomy grid and brought to the output voxel size by
+k-space cropping/zero-filling of the complex signal (partial volume and intravoxel dephasing
+as in a real acquisition).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import scipy.fft
+import scipy.ndimage as ndi
+
+from qsm_core import ppm_to_hz
+from qsm_core.dipole import forward_field_ppm
+from qsm_core.errors import InputError
+from qsm_core.geometry import b0_dir_from_affine
+from training.simulate.anatomy import AIR_CHI_PPM, TISSUES, Anatomy
+
+__all__ = ["ScannerPreset", "SCANNERS", "get_scanner", "tilt_rotation", "grid_for",
+           "fourier_resample", "linear_resample", "nearest_resample", "total_field",
+           "acquire_gre", "acquire_flair"]
+
+
+@dataclass(frozen=True)
+class ScannerPreset:
+    """A GRE protocol.
+
+    Attributes
+    ----------
+    name : str
+    manufacturer : str
+    field_strength_t : float
+    echo_times_s : tuple of float
+    snr : float
+        White-matter magnitude at TE = 0 over the noise SD (per real/imaginary channel).
+    phase_sign : int
+        +1: phase = +2 pi gbar B0 f TE (right-handed); -1 for the opposite vendor convention.
+    repetition_time_s, flip_angle_deg : float
+        Written to the sidecars.
+    """
+
+    name: str
+    manufacturer: str
+    field_strength_t: float
+    echo_times_s: tuple
+    snr: float = 40.0
+    phase_sign: int = 1
+    repetition_time_s: float = 0.03
+    flip_angle_deg: float = 15.0
+
+
+# Seed study protocols (design.md section 5).
+SCANNERS: dict[str, ScannerPreset] = {
+    "siemens": ScannerPreset("siemens", "Siemens", 3.0, (0.0072, 0.0134, 0.0196, 0.0258),
+                             snr=40.0, repetition_time_s=0.031),
+    "philips": ScannerPreset("philips", "Philips", 3.0,
+                             (0.0058, 0.0120, 0.0182, 0.0244, 0.0306, 0.0368), snr=35.0,
+                             repetition_time_s=0.041),
+    "single-echo": ScannerPreset("single-echo", "Siemens", 3.0, (0.020,), snr=45.0,
+                                 repetition_time_s=0.028),
+}
+
+
+def get_scanner(name: str | ScannerPreset) -> ScannerPreset:
+    """Look up a scanner preset by name (clear error for unknown names)."""
+    if isinstance(name, ScannerPreset):
+        return name
+    if name not in SCANNERS:
+        raise InputError(f"unknown scanner {name!r}; choose one of {sorted(SCANNERS)}")
+    return SCANNERS[name]
+
+
+def tilt_rotation(tilt_deg: float, azimuth_deg: float) -> np.ndarray:
+    """Rotation of the head by ``tilt_deg`` about an in-plane axis at ``azimuth_deg``.
+
+    The head frame's z axis ends up ``tilt_deg`` away from the scanner's z (B0).
+    """
+    t = np.deg2rad(tilt_deg)
+    a = np.deg2rad(azimuth_deg)
+    k = np.array([np.cos(a), np.sin(a), 0.0])
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + np.sin(t) * kx + (1 - np.cos(t)) * kx @ kx
+
+
+def _ratios(src_mm, tgt_mm):
+    out = []
+    for s, t in zip(src_mm, tgt_mm):
+        fr = Fraction(float(t) / float(s)).limit_denominator(12)
+        if abs(float(fr) - t / s) > 1e-3:
+            raise InputError(f"voxel size {t} mm is not a simple ratio of the simulation "
+                             f"grid's {s} mm; use e.g. 0.9, 1, 1.2, 1.5 or 2 mm")
+        out.append(fr)
+    return out
+
+
+def grid_for(shape, src_vox_mm, tgt_vox_mm):
+    """Output shape and voxel-scale factors of :func:`fourier_resample`."""
+    fr = _ratios(src_vox_mm, tgt_vox_mm)
+    new = []
+    for n, f in zip(shape, fr):
+        npad = int(np.ceil(n / f.numerator) * f.numerator)
+        new.append(npad * f.denominator // f.numerator)
+    return tuple(new), np.array([float(f) for f in fr])
+
+
+def fourier_resample(arr: np.ndarray, src_vox_mm, tgt_vox_mm, *, workers: int = 1):
+    """Resample by cropping / zero-filling k-space (what a scanner's resolution does).
+
+    The first voxel keeps its position; the field of view grows (air padding) to a whole
+    number of output voxels. Complex input stays complex; real input returns real.
+
+    Returns
+    -------
+    ndarray
+        Resampled array on the grid of :func:`grid_for`.
+    """
+    out_shape, _ = grid_for(arr.shape, src_vox_mm, tgt_vox_mm)
+    if out_shape == arr.shape:
+        return arr
+    fr = _ratios(src_vox_mm, tgt_vox_mm)
+    real = not np.iscomplexobj(arr)
+    npad = [int(np.ceil(n / f.numerator) * f.numerator) for n, f in zip(arr.shape, fr)]
+    a = np.zeros(npad, np.complex64)
+    a[tuple(slice(0, n) for n in arr.shape)] = arr
+    spec = scipy.fft.fftn(a, workers=workers)
+    for ax, (n, m) in enumerate(zip(npad, out_shape)):
+        spec = np.fft.fftshift(spec, axes=ax)
+        if m < n:
+            start = n // 2 - m // 2
+            spec = np.take(spec, np.arange(start, start + m), axis=ax)
+        elif m > n:
+            pad = [(0, 0)] * 3
+            pad[ax] = (m // 2 - n // 2, m - n - (m // 2 - n // 2))
+            spec = np.pad(spec, pad)
+        spec = np.fft.ifftshift(spec, axes=ax)
+    out = scipy.fft.ifftn(spec, workers=workers) * (np.prod(out_shape) / np.prod(npad))
+    return out.real.astype(np.float32) if real else out.astype(np.complex64)
+
+
+def linear_resample(arr, src_vox_mm, tgt_vox_mm, out_shape, *, order: int = 1):
+    """Resample onto the output grid by interpolation (with anti-alias smoothing)."""
+    scale = np.asarray(tgt_vox_mm, float) / np.asarray(src_vox_mm, float)
+    if tuple(out_shape) == arr.shape and np.allclose(scale, 1):
+        return arr
+    a = arr
+    if order > 0:
+        sig = np.maximum(scale - 1.0, 0.0) / 2.355
+        if np.any(sig > 0):
+            a = ndi.gaussian_filter(arr.astype(np.float32), sig)
+    return ndi.affine_transform(a, np.diag(scale), output_shape=tuple(out_shape), order=order,
+                                mode="constant", cval=0.0).astype(arr.dtype)
+
+
+def nearest_resample(arr, src_vox_mm, tgt_vox_mm, out_shape):
+    """Nearest-neighbour resampling of a label map onto the output grid."""
+    scale = np.asarray(tgt_vox_mm, float) / np.asarray(src_vox_mm, float)
+    idx = [np.clip(np.round(np.arange(n) * s).astype(int), 0, m - 1)
+           for n, s, m in zip(out_shape, scale, arr.shape)]
+    valid = [np.round(np.arange(n) * s) < m for n, s, m in zip(out_shape, scale, arr.shape)]
+    out = arr[np.ix_(*idx)]
+    keep = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
+    return np.where(keep, out, 0).astype(arr.dtype)
+
+
+def world_affine(anat: Anatomy, rotation: np.ndarray, scale=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """Scanner-world affine of a grid derived from the anatomy grid (rotation = head tilt)."""
+    t = np.eye(4)
+    t[:3, :3] = rotation
+    return t @ anat.affine @ np.diag([*np.asarray(scale, float), 1.0])
+
+
+def total_field(anat: Anatomy, affine_world: np.ndarray, *, brain_only: bool = False,
+                workers: int = 1) -> np.ndarray:
+    """Relative field (ppm) of the head's susceptibility through the one forward model.
+
+    Susceptibility is referenced to air (air = 0) so the zero padding is air too; when the
+    brain touches the bottom of the grid (the neck continues) the bottom slices are
+    extended by edge replication so that no artificial tissue/air face appears there.
+    """
+    b0 = b0_dir_from_affine(affine_world)
+    vox = anat.voxel_size_mm
+    if brain_only:
+        chi = np.where(anat.brain_mask > 0, anat.chi_ppm, 0.0).astype(np.float32)
+        return forward_field_ppm(chi, voxel_size_mm=vox, b0_dir=b0,
+                                 pad_voxels=[max(8, n // 6) for n in chi.shape],
+                                 workers=workers)
+    chi = (anat.chi_ppm - np.float32(AIR_CHI_PPM)).astype(np.float32)
+    ext = 0
+    if anat.brain_mask[:, :, 0].any():
+        ext = int(np.ceil(40.0 / vox[2]))
+        chi = np.pad(chi, ((0, 0), (0, 0), (ext, 0)), mode="edge")
+    f = forward_field_ppm(chi, voxel_size_mm=vox, b0_dir=b0,
+                          pad_voxels=[max(8, int(16 / v)) for v in vox], workers=workers)
+    return f[:, :, ext:]
+
+
+def smooth_phase_offset(shape, rng, *, amplitude_rad: float = np.pi) -> np.ndarray:
+    """A smooth (second-order polynomial) phase offset phi0 (rad)."""
+    c = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
+    x, y, z = np.meshgrid(*c, indexing="ij", sparse=True)
+    terms = [x, y, z, x * y, y * z, x * z, x * x, y * y, z * z]
+    coef = rng.normal(0, amplitude_rad / 3, size=len(terms) + 1)
+    out = np.full(shape, coef[0], np.float32)
+    for k, t in zip(coef[1:], terms):
+        out = out + np.float32(k) * t
+    return out.astype(np.float32)
+
+
+def acquire_gre(anat: Anatomy, field_ppm: np.ndarray, *, scanner: ScannerPreset,
+                voxel_size_mm, rng: np.random.Generator, snr: float | None = None,
+                workers: int = 1):
+    """Multi-echo GRE magnitude and wrapped phase on the output grid.
+
+    Parameters
+    ----------
+    anat : Anatomy
+        Head on the simulation grid (with lesions painted).
+    field_ppm : ndarray (X, Y, Z)
+        Total relative field on the simulation grid (:func:`total_field`).
+    scanner : ScannerPreset
+    voxel_size_mm : sequence of 3 floats
+        Output voxel size (a simple ratio of the simulation grid's).
+    rng : numpy Generator
+    snr : float, optional
+        Overrides ``scanner.snr``.
+
+    Returns
+    -------
+    magnitude : ndarray (X', Y', Z', E), float32
+    phase_rad : ndarray (X', Y', Z', E), float32 in [-pi, pi)
+    """
+    vox = anat.voxel_size_mm
+    hz_per_ppm = ppm_to_hz(scanner.field_strength_t)
+    snr = scanner.snr if snr is None else float(snr)
+    if not snr > 0:
+        raise InputError(f"snr must be positive, got {snr}")
+    phi0 = smooth_phase_offset(anat.shape, rng)
+    # intravoxel dephasing from the field gradient across one simulation voxel
+    grads = np.gradient(field_ppm, *vox)
+    dw = [np.abs(g) * np.float32(v * 2 * np.pi * hz_per_ppm) for g, v in zip(grads, vox)]
+    del grads
+    out_shape, _ = grid_for(anat.shape, vox, voxel_size_mm)
+    n_e = len(scanner.echo_times_s)
+    mag = np.empty((*out_shape, n_e), np.float32)
+    pha = np.empty((*out_shape, n_e), np.float32)
+    sigma = TISSUES["wm"].pd / snr
+    w_field = np.float32(scanner.phase_sign * 2 * np.pi * hz_per_ppm) * field_ppm
+    for e, te in enumerate(scanner.echo_times_s):
+        te = np.float32(te)
+        amp = anat.pd * np.exp(-anat.r2star_s * te)
+        for d in dw:
+            amp = amp * np.sinc(d * te / np.float32(2 * np.pi)).astype(np.float32)
+        s = amp * np.exp(1j * (phi0 + w_field * te)).astype(np.complex64)
+        s = fourier_resample(s.astype(np.complex64), vox, voxel_size_mm, workers=workers)
+        noise = rng.normal(0, sigma, size=(2, *out_shape)).astype(np.float32)
+        s = s + (noise[0] + 1j * noise[1])
+        mag[..., e] = np.abs(s)
+        pha[..., e] = np.angle(s).astype(np.float32)
+    pha[pha >= np.pi] -= np.float32(2 * np.pi)
+    return mag, pha
+
+
+def acquire_flair(anat: Anatomy, *, voxel_size_mm, rng: np.random.Generator,
+                  snr: float = 30.0, workers: int = 1) -> np.ndarray:
+    """FLAIR magnitude on its own grid (Rician noise at ``snr`` relative to white matter)."""
+    vox = anat.voxel_size_mm
+    img = fourier_resample(anat.flair.astype(np.float32), vox, voxel_size_mm, workers=workers)
+    sigma = TISSUES["wm"].flair / snr
+    n = rng.normal(0, sigma, size=(2, *img.shape)).astype(np.float32)
+    return np.sqrt((img + n[0]) ** 2 + n[1] ** 2).astype(np.float32)
