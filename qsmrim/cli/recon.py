@@ -222,21 +222,28 @@ def _write_failures(out_dir: Path, failures: list[dict]) -> Path | None:
 def run(args) -> int:
     """Run ``qsmrim recon``; returns the exit status."""
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from qsm_core.io.derivatives import (
-        check_dataset_description,
-        derivative_path,
-        write_dataset_description,
-        write_recon_outputs,
-    )
+    from qsm_core.io.derivatives import check_dataset_description
 
     scans, out_dir, bids_dir = _select_scans(args)
-    explicit = bids_dir is None
     _check_options(args, scans)
     run_params = _run_parameters(args)
     if not args.overwrite:
         check_dataset_description(out_dir, parameters=run_params)
 
+    with logging_redirect_tqdm():  # log lines above the bar, not through it
+        return _run_scans(args, scans, out_dir, bids_dir, run_params, tqdm)
+
+
+def _run_scans(args, scans, out_dir, bids_dir, run_params, tqdm) -> int:
+    from qsm_core.io.derivatives import (
+        derivative_path,
+        write_dataset_description,
+        write_recon_outputs,
+    )
+
+    explicit = bids_dir is None
     failures: list[dict] = []
     done = skipped = 0
     bar = tqdm(scans, desc="qsmrim recon", unit="scan", file=sys.stderr)
