@@ -364,13 +364,25 @@ class Predictor:
         Write a PNG montage per lesion.
     batch_size : int
         Patches per CNN call.
+    model_dir : str or Path, optional
+        Where the model came from (recorded in the provenance).
+    channels, patch_mm, patch_voxels : optional
+        Patch geometry when there is no model (default ``("qsm", "lesion", "others")``,
+        32 mm, 32 voxels); with a model, the model's own.
     """
 
     def __init__(self, model=None, *, rule: RuleBasedRimDetector | None = None,
                  cnn_threshold: float | None = None, min_long_axis_mm: float = 3.0,
                  bids_dir=None, qsm_dir=None, device: str = "cpu", review: bool = True,
-                 batch_size: int = 256):
+                 batch_size: int = 256, model_dir=None, channels=None,
+                 patch_mm: float | None = None, patch_voxels: int | None = None):
         self.model = model
+        self.model_dir = model_dir
+        if model is not None and (channels or patch_mm or patch_voxels):
+            raise InputError("patch channels and size come from the model; do not set them")
+        self._channels = tuple(channels) if channels else ("qsm", "lesion", "others")
+        self._patch_mm = float(patch_mm or 32.0)
+        self._patch_voxels = int(patch_voxels or 32)
         self.rule = rule
         if cnn_threshold is None:
             cnn_threshold = float(getattr(model, "threshold", 0.5) or 0.5)
@@ -387,19 +399,18 @@ class Predictor:
     def channels(self) -> tuple[str, ...]:
         """Patch channels: the model's, plus ``others`` for the rule if missing."""
         if self.model is None:
-            return ("qsm", "lesion", "others")
-        ch = tuple(self.model.channels)
-        return ch
+            return self._channels
+        return tuple(self.model.channels)
 
     @property
     def patch_mm(self) -> float:
         """Patch side (mm)."""
-        return float(self.model.patch_mm) if self.model is not None else 32.0
+        return float(self.model.patch_mm) if self.model is not None else self._patch_mm
 
     @property
     def patch_voxels(self) -> int:
         """Patch samples per side."""
-        return int(self.model.patch_voxels) if self.model is not None else 32
+        return int(self.model.patch_voxels) if self.model is not None else self._patch_voxels
 
     def provenance(self) -> dict:
         """Parameters and versions recorded in ``OUT_DIR/predict.json``."""
@@ -412,8 +423,8 @@ class Predictor:
                                     if k not in ("channels", "patch_shape")},
                 "recon_parameters": RECON_PARAMETERS}
         if self.model is not None:
-            info["model"] = {k: str(getattr(self.model, k)) for k in ("model_dir", "name")
-                             if hasattr(self.model, k)}
+            info["model_dir"] = str(Path(self.model_dir).resolve()) if self.model_dir else None
+            info["model"] = repr(self.model)
         return info
 
     # -- inputs -------------------------------------------------------------------------
@@ -469,14 +480,15 @@ class Predictor:
         return written["Chimap"]
 
     # -- one scan -----------------------------------------------------------------------
-    def predict_scan(self, scan: ScanInputs, out_dir) -> ScanResult:
-        """Score every lesion of one scan (no files written except on-the-fly QSM).
+    def prepare_scan(self, scan: ScanInputs, out_dir) -> tuple[ScanResult, np.ndarray]:
+        """Load (or reconstruct) one scan, label its lesions and cut their patches.
 
         Returns
         -------
-        ScanResult
-            ``table`` has :data:`PREDICTION_COLUMNS`; ``labels`` the lesion labels on the
-            QSM grid; ``images`` the QSM/FLAIR/SWI arrays for the review montage.
+        result : ScanResult
+            ``table`` holds the lesion geometry only (no scores yet).
+        patches : ndarray, shape (N, C, P, P, P)
+            In the order of ``result.table``, channels :attr:`channels`.
         """
         out_dir = Path(out_dir)
         t: dict[str, float] = {}
@@ -532,7 +544,20 @@ class Predictor:
                                   patch_voxels=self.patch_voxels, channels=self.channels,
                                   centroids_vox=cents, flair_ref=flair_ref)
         t["patches"] = time.perf_counter() - t1
+        return ScanResult(table=table, labels=labels, affine=aff, images=images,
+                          timings_s=t), patches
 
+    def predict_scan(self, scan: ScanInputs, out_dir) -> ScanResult:
+        """Score every lesion of one scan (no files written except on-the-fly QSM).
+
+        Returns
+        -------
+        ScanResult
+            ``table`` has :data:`PREDICTION_COLUMNS`; ``labels`` the lesion labels on the
+            QSM grid; ``images`` the QSM/FLAIR/SWI arrays for the review montage.
+        """
+        res, patches = self.prepare_scan(scan, out_dir)
+        table, t, n = res.table, res.timings_s, len(res.table)
         t2 = time.perf_counter()
         if self.model is not None and n:
             probs = [np.asarray(self.model.predict_proba(patches[i:i + self.batch_size]))[:, 1]
@@ -558,8 +583,8 @@ class Predictor:
             table["rule_score"] = np.nan
             table["rule_call"] = np.nan
         t["rule"] = time.perf_counter() - t3
-        table = table.reindex(columns=PREDICTION_COLUMNS)
-        return ScanResult(table=table, labels=labels, affine=aff, images=images, timings_s=t)
+        res.table = table.reindex(columns=PREDICTION_COLUMNS)
+        return res
 
     # -- one scan, with files -------------------------------------------------------------
     def process_scan(self, scan: ScanInputs, out_dir) -> dict:

@@ -71,6 +71,7 @@ def run(args) -> int:
     """Run ``qsmrim predict``; returns the exit status."""
     from rimnet.predictor import (
         Predictor,
+        default_model_dir,
         find_lesion_maps,
         load_model,
         merge_outputs,
@@ -113,7 +114,8 @@ def run(args) -> int:
     model = None if args.no_cnn else load_model(args.model, device=args.device)
     predictor = Predictor(model, cnn_threshold=args.cnn_threshold,
                           min_long_axis_mm=args.min_long_axis_mm, bids_dir=bids_dir,
-                          qsm_dir=args.qsm, device=args.device, review=not args.no_review)
+                          qsm_dir=args.qsm, device=args.device, review=not args.no_review,
+                          model_dir=None if model is None else (args.model or default_model_dir()))
     summary = run_batch(mine, out_dir, predictor=predictor, overwrite=args.overwrite)
     merged = merge_outputs(out_dir)
     n_fail = len(summary["failures"])
