@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     mod = importlib.import_module(module)
     mod.add_parser(sub.add_parser(name, help=help_, description=help_), name)
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(mod.run(args) or 0)
