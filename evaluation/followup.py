@@ -71,7 +71,7 @@ def new_events(lesions: pd.DataFrame, rim_columns: list[str]) -> pd.DataFrame:
 
 
 def followup_analysis(participants: pd.DataFrame, lesions: pd.DataFrame, *,
-                      group_column: str, labels: pd.Series | None, rim_columns: list[str],
+                      group_column: str, labels: pd.Series | None, rim_columns,
                       alpha: float = 0.05) -> dict:
     """New lesions/rims per patient and the diagnostic value of "a new rim at follow-up".
 
@@ -79,14 +79,16 @@ def followup_analysis(participants: pd.DataFrame, lesions: pd.DataFrame, *,
     ----------
     labels : Series or None
         1/0/NaN positive-group labels by participant_id (see ``patient.group_labels``).
-    rim_columns : list of str
-        0/1 rim columns (reference first, then readers and scorer calls).
+    rim_columns : list of str, or dict
+        0/1 rim columns (reference first, then readers and scorer calls); a dict maps the
+        display name of each rater to its column.
 
     Returns
     -------
     dict, or a not-estimable entry for single-session data.
     """
-    ev = new_events(lesions, rim_columns)
+    names = dict(rim_columns) if isinstance(rim_columns, dict) else {c: c for c in rim_columns}
+    ev = new_events(lesions, list(names.values()))
     if ev.empty:
         return not_estimable("no participant has two or more sessions (no follow-up data)")
     per = ev.groupby("participant_id").sum(numeric_only=True, min_count=1)
@@ -100,14 +102,14 @@ def followup_analysis(participants: pd.DataFrame, lesions: pd.DataFrame, *,
             _cont_row("new lesions per patient", {g: per.loc[idx, "n_new_lesions"]
                                                   for g, idx in by.items()})]
     diagnostic = {}
-    for c in rim_columns:
+    for label, c in names.items():
         col = f"new_rims_{c}"
-        rows.append(_prop_row(f"patients with ≥1 new rim ({c})",
+        rows.append(_prop_row(f"patients with ≥1 new rim ({label})",
                               {g: (int((per.loc[idx, col] >= 1).sum()), len(idx))
                                for g, idx in by.items()}, "patients"))
         tot = float(per[col].sum())
         enh = float(per[f"new_rims_enh_{c}"].sum())
-        rows.append({"characteristic": f"new rims after an enhancing phase ({c})",
+        rows.append({"characteristic": f"new rims after an enhancing phase ({label})",
                      "kind": "count", "overall": {"count": int(enh), "n": int(tot),
                                                   "percent": 100 * enh / tot if tot else None},
                      "format": "n/N (%)"})
@@ -116,13 +118,14 @@ def followup_analysis(participants: pd.DataFrame, lesions: pd.DataFrame, *,
         lab = labels.reindex(per.index)
         keep = lab.notna() & per[col].notna()
         try:
-            diagnostic[c] = sens_spec(lab[keep].to_numpy(),
+            diagnostic[label] = sens_spec(lab[keep].to_numpy(),
                                       (per.loc[keep, col] >= 1).astype(int).to_numpy(),
                                       alpha=alpha)
         except QSMRimError as exc:
-            diagnostic[c] = not_estimable(str(exc))
+            diagnostic[label] = not_estimable(str(exc))
     records = per.reset_index().to_dict("records")
     return {"n_patients_with_followup": int(len(per)), "groups": {g: len(v) for g, v in
                                                                  by.items()},
             "rows": rows, "new_rim_rule": diagnostic, "per_patient": records,
-            "definition": __doc__.split("\n\n", 1)[1].strip().replace("\n", " ")}
+            "definition": __doc__.split("\n\n", 1)[1].strip().replace("\n", " ")
+            .replace("``", "").replace("*", "")}

@@ -358,11 +358,7 @@ def evaluate(participants, lesions, predictions_list=(), *, truth_column: str | 
     cohort = cohort_table(data.participants, data.lesions, group_column=group_column,
                           rim_columns=refs, seed=seed)
     follow = followup_analysis(data.participants, data.lesions, group_column=group_column,
-                               labels=labels, rim_columns=list(rater_cols.values()),
-                               alpha=alpha)
-    if isinstance(follow, dict) and "per_patient" in follow:
-        inv = {v: k for k, v in rater_cols.items()}
-        follow["new_rim_rule"] = {inv.get(k, k): v for k, v in follow["new_rim_rule"].items()}
+                               labels=labels, rim_columns=rater_cols, alpha=alpha)
 
     from qsm_core import __version__
     result = {

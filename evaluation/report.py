@@ -419,6 +419,8 @@ thead th{border-top:2px solid var(--rule);border-bottom:1px solid var(--rule);te
 table{margin-bottom:18px}
 table.narrow{width:auto;min-width:55%}
 td:first-child{white-space:nowrap}
+#cohort td:nth-last-child(2),#followup td:nth-last-child(2){white-space:nowrap}
+#cohort td:last-child,#followup td:last-child{font-size:11px;color:var(--muted)}
 tbody td{padding:4px 8px;border-bottom:1px solid var(--light);vertical-align:top}
 tbody tr:last-child td{border-bottom:2px solid var(--rule)}
 td:not(:first-child){font-variant-numeric:tabular-nums}
