@@ -1,0 +1,87 @@
+"""Speed and memory of iLSQR on a 224 x 224 x 160 float32 field.
+
+Prints the total time, the time of each step, the time per LSQR iteration and the time
+of the FFT pair each iteration does (measured inside the same run, and separately on the
+same grid), and the peak memory. Targets (issue 2): total <= 15 s on 2 cores, iteration
+<= 1.3 x its FFTs, peak <= 4 GB. Anchor: STI Suite's iLSQR ~ 340 s.
+
+Run::
+
+    python benchmarks/bench_ilsqr.py [--shape 224 224 160] [--device cpu] [--repeat 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import scipy.fft
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qsm_core.inversion import ilsqr  # noqa: E402
+from tests.qsm_core.phantoms import head_phantom, local_field  # noqa: E402
+
+
+def fft_pair_s(shape, repeat=5):
+    """Median time of one rfftn + irfftn pair on ``shape`` (float32)."""
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    times = []
+    for _ in range(repeat + 1):
+        t0 = time.perf_counter()
+        s = scipy.fft.rfftn(x, workers=-1)
+        scipy.fft.irfftn(s, s=shape, workers=-1, overwrite_x=True)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", type=int, nargs=3, default=(224, 224, 160))
+    ap.add_argument("--voxel", type=float, nargs=3, default=(1.0, 1.0, 1.0))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args(argv)
+    shape, vox = tuple(args.shape), tuple(args.voxel)
+    b0 = np.array([0.0, 0.1, 1.0])
+    b0 /= np.linalg.norm(b0)
+    ph = head_phantom(shape, vox)
+    mask = ph["mask"]
+    field = local_field(ph["chi_ppm"], mask, voxel_size_mm=vox, b0_dir=b0)
+    del ph
+    print(f"field {shape} float32, mask {int(mask.sum())} voxels, cpus={os.cpu_count()}, "
+          f"device={args.device}")
+    for rep in range(args.repeat):
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        chi, info = ilsqr(field, mask, voxel_size_mm=vox, b0_dir=b0, device=args.device,
+                          return_info=True)
+        total = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        pair = fft_pair_s(info.grid_shape)
+        print(f"\nrun {rep + 1}: total {total:.2f} s on grid {info.grid_shape}")
+        print("  steps: " + ", ".join(f"{k} {v:.2f} s" for k, v in info.step_times_s.items()))
+        for step in ("lsqr", "streak"):
+            it = np.asarray(info.iter_times_s[step])
+            fft_in = info.fft_times_s[step] / max(len(it) + 1, 1)
+            print(f"  {step}: {info.n_iter[step]} iterations ({info.stop[step]}), "
+                  f"median {np.median(it) * 1e3:.1f} ms/iter; FFT pair inside the run "
+                  f"{fft_in * 1e3:.1f} ms/iter, separately {pair * 1e3:.1f} ms -> "
+                  f"iteration / FFTs = {np.median(it) / fft_in:.2f} "
+                  f"(vs separate pair {np.median(it) / pair:.2f})")
+        print(f"  peak traced memory (numpy, during ilsqr) {peak / 2**30:.2f} GiB")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak RSS of the whole process (incl. phantom) {rss:.2f} GiB")
+    print(f"chi: mean |chi| in mask {np.abs(chi[mask]).mean():.4f} ppm, finite "
+          f"{bool(np.isfinite(chi).all())}")
+
+
+if __name__ == "__main__":
+    main()
