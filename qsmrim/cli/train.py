@@ -1,0 +1,218 @@
+r"""``qsmrim train``: train the rim CNN with patient-grouped cross-validation.
+
+Two sources of training patches:
+
+* a patch cache (``--patches CACHE``, from ``qsmrim extract`` or an earlier run), whose
+  ``table.tsv`` holds the labels (or ``--labels lesions.tsv`` supplies them, joined on
+  participant_id, session_id, lesion_id);
+* a BIDS dataset with QSM derivatives and lesion maps::
+
+    qsmrim train BIDS_DIR --qsm QSM_DERIV --lesions LESION_DERIV --labels lesions.tsv \
+        --label-column consensus --out MODEL_DIR [--folds 5] [--epochs 30] [--device cpu]
+
+  which first builds a patch cache (``--cache``, default ``MODEL_DIR_patches``; reused when
+  present).
+
+Runs unchanged under ``torchrun --nproc_per_node N -m qsmrim train ...`` (DDP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+from pathlib import Path
+
+from qsm_core.errors import InputError
+
+__all__ = ["add_parser", "run"]
+
+log = logging.getLogger(__name__)
+
+_OVERRIDES = {  # CLI option -> TrainConfig field
+    "folds": "n_folds", "epochs": "epochs", "device": "device", "seed": "seed",
+    "arch": "arch", "batch_size": "batch_size", "lr": "lr", "tta": "tta",
+    "threads": "threads", "patience": "patience", "label_column": "label_column",
+    "patch_mm": "patch_mm", "patch_voxels": "patch_voxels", "n_types": "n_types",
+    "type_column": "type_column", "imbalance": "imbalance", "num_workers": "num_workers",
+}
+
+
+def add_parser(parser: argparse.ArgumentParser, name: str = "train") -> None:
+    """Fill the ``train`` subcommand's parser."""
+    parser.add_argument("bids_dir", nargs="?", type=Path, metavar="BIDS_DIR",
+                        help="raw BIDS dataset (FLAIR images); not needed with --patches")
+    parser.add_argument("--out", required=True, type=Path, metavar="MODEL_DIR",
+                        help="model directory to write")
+    src = parser.add_argument_group("training data")
+    src.add_argument("--patches", type=Path, metavar="CACHE",
+                     help="patch cache folder (patches.npy, table.tsv, cache.json)")
+    src.add_argument("--qsm", type=Path, metavar="DIR", help="QSM derivatives (Chimaps)")
+    src.add_argument("--lesions", type=Path, metavar="DIR",
+                     help="lesion derivatives (*_desc-lesion_mask.nii.gz)")
+    src.add_argument("--labels", type=Path, metavar="TSV",
+                     help="lesions.tsv with the annotations (reader_*, consensus, ...)")
+    src.add_argument("--label-column", default=None,
+                     help="0/1 label column to learn (default: consensus)")
+    src.add_argument("--cache", type=Path, metavar="DIR",
+                     help="where to build the patch cache from BIDS (default: "
+                          "MODEL_DIR_patches; reused if it exists)")
+    src.add_argument("--min-long-axis-mm", type=float, default=3.0,
+                     help="lesion size filter when building patches (default 3.0)")
+    cfg = parser.add_argument_group("training settings (override --config)")
+    cfg.add_argument("--config", type=Path, metavar="JSON",
+                     help="TrainConfig JSON (fields in docs/training.md)")
+    cfg.add_argument("--folds", type=int, help="cross-validation folds (default 5)")
+    cfg.add_argument("--fold", type=int, nargs="+", metavar="K",
+                     help="train only these folds (job arrays); calibration runs when all "
+                          "folds exist")
+    cfg.add_argument("--epochs", type=int, help="maximum epochs per fold (default 30)")
+    cfg.add_argument("--patience", type=int, help="early-stopping patience (default 8)")
+    cfg.add_argument("--batch-size", type=int, help="global batch size (default 64)")
+    cfg.add_argument("--lr", type=float, help="learning rate (default 2e-3)")
+    cfg.add_argument("--arch", help="network: resnet (default), convnet, densenet")
+    cfg.add_argument("--tta", help="test-time augmentation: none, flip (default), d4, d4z")
+    cfg.add_argument("--imbalance", help="pos_weight (default), sampler or none")
+    cfg.add_argument("--patch-mm", type=float, help="patch side in mm (default 32)")
+    cfg.add_argument("--patch-voxels", type=int, help="patch samples per side (default 32)")
+    cfg.add_argument("--n-types", type=int, help="outputs of the lesion-type head (0: none)")
+    cfg.add_argument("--type-column", help="table column with the lesion type")
+    cfg.add_argument("--seed", type=int, help="random seed (default 0)")
+    cfg.add_argument("--device", help="cpu (default), cuda, cuda:N")
+    cfg.add_argument("--threads", type=int, help="torch threads per process (0: default)")
+    cfg.add_argument("--num-workers", type=int, help="data-loader workers (default 0)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in MODEL_DIR")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--bundle", type=Path, metavar="DIR",
+                        help="also export the model as a MONAI bundle into DIR")
+
+
+def _command(args: argparse.Namespace) -> str:
+    parts = ["qsmrim", "train"]
+    if args.bids_dir:
+        parts.append(str(args.bids_dir))
+    for key, val in vars(args).items():
+        if key.startswith("_") or key in ("bids_dir", "command", "verbose") or val in (
+                None, False):
+            continue
+        opt = "--" + key.replace("_", "-")
+        if val is True:
+            parts.append(opt)
+        elif isinstance(val, list):
+            parts += [opt, *map(str, val)]
+        else:
+            parts += [opt, str(val)]
+    return shlex.join(parts)
+
+
+def _load_config(args):
+    from training.config import TrainConfig
+
+    cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
+    changes = {field: getattr(args, opt) for opt, field in _OVERRIDES.items()}
+    if args.no_progress:
+        changes["progress"] = False
+    return cfg.replace(**changes).validate()
+
+
+def _training_data(args, config):
+    import pandas as pd
+
+    from qsm_core.io.tables import read_table
+    from rimnet.patches import load_patch_cache
+
+    if args.patches is not None:
+        if args.bids_dir or args.qsm or args.lesions:
+            raise InputError("give either --patches CACHE or BIDS_DIR --qsm --lesions, not both")
+        cache = args.patches
+    else:
+        missing = [o for o, v in (("BIDS_DIR", args.bids_dir), ("--qsm", args.qsm),
+                                  ("--lesions", args.lesions), ("--labels", args.labels))
+                   if v is None]
+        if missing:
+            raise InputError(f"training from BIDS needs {', '.join(missing)} (or use "
+                             "--patches CACHE)")
+        if not args.bids_dir.is_dir():
+            raise InputError(f"BIDS_DIR {args.bids_dir}: no such folder")
+        cache = args.cache or args.out.with_name(args.out.name + "_patches")
+        if not (cache / "cache.json").exists():
+            from training.dataset import build_training_cache
+
+            labels = read_table(args.labels, "lesions")
+            log.info("building the patch cache in %s", cache)
+            build_training_cache(cache, args.bids_dir, qsm_dir=args.qsm,
+                                 lesions_dir=args.lesions, labels=labels,
+                                 channels=config.channels, patch_mm=config.patch_mm,
+                                 patch_voxels=config.patch_voxels,
+                                 min_long_axis_mm=args.min_long_axis_mm,
+                                 progress=config.progress)
+        else:
+            log.info("reusing the patch cache in %s", cache)
+    patches, table = load_patch_cache(cache)
+    meta = dict(table.attrs)
+    if args.labels is not None and args.patches is not None:
+        labels = read_table(args.labels, "lesions")
+        keys = ["participant_id", "session_id", "lesion_id"]
+        extra = [c for c in labels.columns if c not in keys]
+        table = table.drop(columns=[c for c in extra if c in table.columns])
+        table = table.merge(labels[keys + extra], on=keys, how="left", validate="one_to_one")
+        table.attrs.update(meta)
+    if config.label_column not in table.columns:
+        raise InputError(f"no {config.label_column!r} column in the training labels "
+                         f"({cache / 'table.tsv'}{' or ' + str(args.labels) if args.labels else ''}"
+                         "); choose another --label-column or give --labels lesions.tsv")
+    if meta.get("channels") and list(meta["channels"]) != list(config.channels):
+        raise InputError(f"{cache}: cache channels {meta['channels']} differ from the config "
+                         f"channels {config.channels}; rebuild the cache or set channels")
+    if meta.get("patch_voxels") and int(meta["patch_voxels"]) != config.patch_voxels or (
+            meta.get("patch_mm") and float(meta["patch_mm"]) != config.patch_mm):
+        raise InputError(f"{cache}: cache patches are {meta.get('patch_mm')} mm / "
+                         f"{meta.get('patch_voxels')} voxels but the config asks for "
+                         f"{config.patch_mm} mm / {config.patch_voxels}; pass --patch-mm and "
+                         "--patch-voxels to match")
+    n_before = len(table)
+    labelled = pd.to_numeric(table[config.label_column], errors="coerce").notna().to_numpy()
+    if not labelled.all():
+        log.warning("%d of %d lesions have no %r label and are left out", n_before
+                    - labelled.sum(), n_before, config.label_column)
+        import numpy as np
+
+        idx = np.flatnonzero(labelled)
+        patches = patches[idx]
+        table = table.iloc[idx].reset_index(drop=True)
+        table.attrs.update(meta)
+    return patches, table
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train and print where the model is and its cross-validation figures."""
+    import os
+
+    from training.trainer import train_model
+
+    config = _load_config(args)
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out}: exists and is not a folder")
+    patches, table = _training_data(args, config)
+    model = train_model(patches, table, config=config, out_dir=args.out, resume=args.resume,
+                        folds=args.fold, command=_command(args))
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK
+    if model is None:
+        if rank0:
+            print(f"trained fold(s) {args.fold} in {args.out}; run the remaining folds, then "
+                  "any of them again with --resume to calibrate")
+        return 0
+    if rank0:
+        import json
+
+        m = json.loads((args.out / "metrics.json").read_text())["pooled"]
+        print(f"model: {args.out} ({len(model.networks)} folds); out-of-fold ROC AUC "
+              f"{m['roc_auc']:.3f}, PR AUC {m['pr_auc']:.3f}, kappa {m['kappa']:.3f} at "
+              f"threshold {model.threshold:.3f}")
+        if args.bundle is not None:
+            from training.bundle import export_bundle
+
+            export_bundle(args.out, args.bundle)
+            print(f"MONAI bundle: {args.bundle}")
+    return 0
