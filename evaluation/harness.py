@@ -97,16 +97,16 @@ def _lesion_bootstrap(y, scores: dict, groups, *, n_boot, seed, alpha, max_fpr) 
     mat = np.vstack([scores[n] for n in names]) if names else np.zeros((0, y.size))
     pairs = list(itertools.combinations(range(len(names)), 2))
 
+    yb_all = np.asarray(y, bool)
+
     def stat(idx):
-        yb = y[idx]
+        yb = yb_all[idx]
         if yb.all() or not yb.any():
             raise NotEstimableError("single class")
-        sb = mat[:, idx]
-        auc = roc.delong_components(yb, sb)[0]
-        ap = [roc.average_precision(yb, s) for s in sb]
-        pa = [roc.partial_auc(yb, s, max_fpr=max_fpr) for s in sb]
+        met = np.array([roc.fast_metrics(yb, s[idx], max_fpr=max_fpr) for s in mat])
+        auc = met[:, 0]
         diff = [auc[i] - auc[j] for i, j in pairs]
-        return np.r_[auc, ap, pa, diff]
+        return np.r_[auc, met[:, 1], met[:, 2], diff]
 
     if not names:
         return {}

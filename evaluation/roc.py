@@ -20,7 +20,7 @@ from scipy import stats
 from qsm_core.errors import InputError, NotEstimableError
 
 __all__ = ["check_binary_scores", "roc_curve", "pr_curve", "roc_auc", "average_precision",
-           "partial_auc", "delong_components", "delong", "delong_paired"]
+           "partial_auc", "fast_metrics", "delong_components", "delong", "delong_paired"]
 
 
 def check_binary_scores(y_true, scores, *, name: str = "scores") -> tuple[np.ndarray, np.ndarray]:
@@ -136,6 +136,35 @@ def partial_auc(y_true, scores, *, max_fpr: float = 0.1, standardized: bool = Tr
         return area
     min_area = 0.5 * max_fpr**2
     return 0.5 * (1.0 + (area - min_area) / (max_fpr - min_area))
+
+
+def fast_metrics(y: np.ndarray, s: np.ndarray, *, max_fpr: float = 0.1) -> tuple[float, ...]:
+    """ROC AUC, average precision and standardised partial AUC from one sort, unchecked.
+
+    For inner loops (the bootstrap): ``y`` must be a bool array with both classes and ``s``
+    finite floats of the same length. The trapezoidal area of the tie-grouped ROC curve
+    equals the Mann-Whitney statistic, so the AUC is identical to :func:`roc_auc`.
+
+    Returns
+    -------
+    (auc, average_precision, partial_auc)
+    """
+    order = np.argsort(-s, kind="mergesort")
+    ss, ys = s[order], y[order]
+    last = np.r_[np.flatnonzero(ss[1:] != ss[:-1]), ss.size - 1]
+    tps = np.cumsum(ys)[last]
+    fps = (last + 1) - tps
+    m, n = tps[-1], fps[-1]
+    tpr = np.r_[0.0, tps / m]
+    fpr = np.r_[0.0, fps / n]
+    auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2)
+    ap = float(np.sum(np.diff(tpr) * (tps / (last + 1))))
+    stop = np.searchsorted(fpr, max_fpr, side="right")
+    x = np.r_[fpr[:stop], max_fpr]
+    yv = np.r_[tpr[:stop], np.interp(max_fpr, fpr, tpr)]
+    area = float(np.sum(np.diff(x) * (yv[1:] + yv[:-1])) / 2)
+    min_area = 0.5 * max_fpr**2
+    return auc, ap, 0.5 * (1.0 + (area - min_area) / (max_fpr - min_area))
 
 
 def delong_components(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

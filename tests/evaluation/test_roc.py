@@ -87,6 +87,11 @@ def test_auc_ap_pauc_match_sklearn(rng):
     for f in (0.05, 0.1, 0.3):
         assert roc.partial_auc(y, s, max_fpr=f) == pytest.approx(
             roc_auc_score(y, s, max_fpr=f), abs=1e-10)
+    # the unchecked one-sort path used by the bootstrap gives the same three numbers
+    auc, ap, pa = roc.fast_metrics(y.astype(bool), s, max_fpr=0.1)
+    assert auc == pytest.approx(roc.roc_auc(y, s), abs=1e-12)
+    assert ap == pytest.approx(roc.average_precision(y, s), abs=1e-12)
+    assert pa == pytest.approx(roc.partial_auc(y, s, max_fpr=0.1), abs=1e-12)
     # standardised pAUC of a perfect and a chance scorer
     assert roc.partial_auc(y, y.astype(float), max_fpr=0.1) == pytest.approx(1.0)
 
