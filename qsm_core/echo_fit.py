@@ -1,0 +1,252 @@
+"""Multi-echo frequency estimation: unwrap each echo, then a weighted fit of phase vs TE.
+
+Phase model (design.md section 4)::
+
+    phase_e = phi0 + phase_sign * 2 pi * f * TE_e + noise_e,
+
+with ``phase_sign = +1`` the right-handed default (positive frequency = paramagnetic field
+shift gives positive phase); pass ``phase_sign=-1`` for data in the opposite (left-handed)
+convention. The frequency ``f`` returned is always in the right-handed sense.
+
+Each echo is unwrapped with :func:`qsm_core.unwrap.laplacian_unwrap`. Its output is a
+linear function of the true phase (up to a harmonic function and a constant), so the
+unwrapped echoes stay exactly affine in TE and the fitted slope is the true frequency up
+to a harmonic function, which background-field removal then takes away.
+
+The fit is weighted least squares with an intercept ``phi0``. The phase noise of echo e
+has variance ``sigma^2 / m_e^2`` (``m_e`` the magnitude, ``sigma`` the complex noise std),
+so the inverse-variance weights are ``w_e = m_e^2``. For a fit through the origin these
+weights give the familiar ``m_e^2 TE_e^2``-weighted average of the per-echo frequencies
+``phi_e / (2 pi TE_e)``; with an intercept the TE factor enters through the design matrix.
+The standard error of the slope, ``sigma^2 * sum(w) / det``, gives ``noise_std_hz``, with
+``sigma^2`` estimated per voxel from the weighted residuals (``E - 2`` degrees of
+freedom). With one or two echoes there are no residual degrees of freedom and ``sigma``
+is estimated once from the background (Rayleigh statistics of the lowest-magnitude
+voxels) instead; ``EchoFit.noise_method`` says which. One echo has no intercept:
+``phi0 = 0`` is assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from qsm_core.errors import InputError
+from qsm_core.unwrap import laplacian_unwrap
+
+__all__ = ["EchoFit", "fit_frequency", "check_echo_inputs"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EchoFit:
+    """Result of :func:`fit_frequency`.
+
+    Attributes
+    ----------
+    frequency_hz : ndarray, shape (X, Y, Z), float32
+        Field offset frequency (Hz), right-handed sense, up to a harmonic function.
+    phase_offset_rad : ndarray, shape (X, Y, Z), float32
+        Fitted ``phi0`` (rad), unwrapped (zeros for a single echo).
+    noise_std_hz : ndarray, shape (X, Y, Z), float32
+        Standard error of ``frequency_hz`` (Hz); large where the signal is weak.
+    unwrapped_phase_rad : ndarray, shape (X, Y, Z, E), float32
+        The unwrapped echoes (in the input's sign convention).
+    noise_method : str
+        ``'residual'`` (per-voxel fit residuals) or ``'background'`` (one noise level
+        from the background, for fewer than three echoes).
+    """
+
+    frequency_hz: np.ndarray
+    phase_offset_rad: np.ndarray
+    noise_std_hz: np.ndarray
+    unwrapped_phase_rad: np.ndarray
+    noise_method: str
+
+
+def check_echo_inputs(phase_rad, magnitude, te_s):
+    """Validate and normalise multi-echo inputs.
+
+    Parameters
+    ----------
+    phase_rad, magnitude : array_like, shape (X, Y, Z, E) or (X, Y, Z)
+        Echoes last; a 3D array is one echo.
+    te_s : float or sequence of E floats
+        Echo times (s), strictly increasing and positive.
+
+    Returns
+    -------
+    phase, magnitude : ndarray, shape (X, Y, Z, E), float32
+    te : ndarray, shape (E,), float64
+
+    Raises
+    ------
+    InputError
+        On shape mismatch, wrong TE count, non-increasing or non-positive TE, NaN/Inf.
+    """
+    phase = np.asarray(phase_rad)
+    mag = np.asarray(magnitude)
+    te = np.atleast_1d(np.asarray(te_s, dtype=float))
+    if phase.ndim == 3:
+        phase = phase[..., None]
+    if mag.ndim == 3:
+        mag = mag[..., None]
+    if phase.ndim != 4 or mag.ndim != 4:
+        raise InputError(f"phase and magnitude must be 3D (one echo) or 4D (X, Y, Z, echo), "
+                         f"got shapes {np.shape(phase_rad)} and {np.shape(magnitude)}; "
+                         "2D images are not supported, stack slices into a volume")
+    if phase.shape != mag.shape:
+        raise InputError(f"magnitude shape {mag.shape} does not match phase shape "
+                         f"{phase.shape}; pass the magnitude and phase of the same echoes")
+    if min(phase.shape[:3]) < 2:
+        raise InputError(f"phase must be a 3D volume, got spatial shape {phase.shape[:3]}")
+    if te.ndim != 1 or te.size != phase.shape[3]:
+        raise InputError(f"got {te.size} echo times for {phase.shape[3]} echoes; give one "
+                         "echo time (s) per echo, in the order of the last axis")
+    if not np.all(np.isfinite(te)) or np.any(te <= 0):
+        raise InputError(f"echo times must be positive and finite (in seconds), got "
+                         f"{te.tolist()}")
+    if np.any(te > 1.0):
+        raise InputError(f"echo times look like milliseconds ({te.tolist()}); give them in "
+                         "seconds")
+    if np.any(np.diff(te) <= 0):
+        raise InputError(f"echo times must be strictly increasing, got {te.tolist()}; sort "
+                         "the echoes by TE")
+    if not np.all(np.isfinite(phase)):
+        raise InputError("phase contains NaN or Inf; fix the input images")
+    if not np.all(np.isfinite(mag)):
+        raise InputError("magnitude contains NaN or Inf; fix the input images")
+    if np.any(mag < 0):
+        raise InputError("magnitude has negative values; pass the magnitude images, not "
+                         "real/imaginary parts")
+    return phase.astype(np.float32, copy=False), mag.astype(np.float32, copy=False), te
+
+
+def background_noise_std(magnitude: np.ndarray, *, fraction: float = 0.1) -> float:
+    """Complex-noise std estimated from the lowest-magnitude voxels (Rayleigh statistics).
+
+    For pure noise, magnitude is Rayleigh with ``E[m^2] = 2 sigma^2``. The darkest
+    ``fraction`` of voxels of the first echo stands for the background; if the image has
+    little background this overestimates nothing worse than the true level of dim tissue.
+    """
+    m = np.asarray(magnitude, dtype=np.float64).ravel()
+    thr = np.quantile(m, fraction)
+    sel = m[m <= thr]
+    sigma = float(np.sqrt(np.mean(sel**2) / 2.0)) if sel.size else 0.0
+    if sigma <= 0:
+        sigma = float(np.sqrt(np.mean(m**2) / 2.0)) * 1e-3 + 1e-12
+    return sigma
+
+
+def _restore_constants(unwrapped, phase, w, region):
+    """Add back each echo's spatial-mean phase, which the Poisson solve drops.
+
+    The offset of echo e is the weighted circular mean of ``wrapped - unwrapped`` (so the
+    result is congruent on average); the offsets are then unwrapped along TE, assuming the
+    mean phase moves by less than pi between consecutive echoes. Spatial constants are
+    harmonic, so this only makes ``phi0`` and ``f`` readable; background removal would
+    take them away anyway.
+    """
+    sel = np.ones(phase.shape[:3], bool) if region is None else np.asarray(region, bool)
+    offsets = np.empty(phase.shape[3])
+    for e in range(phase.shape[3]):
+        z = np.exp(1j * (phase[..., e][sel] - unwrapped[..., e][sel]).astype(np.float64))
+        offsets[e] = np.angle(np.sum(w[..., e][sel] * z))
+    offsets = np.unwrap(offsets)
+    for e in range(phase.shape[3]):
+        unwrapped[..., e] += np.float32(offsets[e])
+
+
+def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int = +1,
+                  mask=None, unwrap_mask=None, workers: int = -1) -> EchoFit:
+    """Frequency map from multi-echo phase (unwrap each echo, weighted fit over TE).
+
+    Parameters
+    ----------
+    phase_rad : array_like, shape (X, Y, Z, E) or (X, Y, Z)
+        Wrapped phase (rad) of each echo, echoes last.
+    magnitude : array_like, same shape
+        Magnitude of each echo (any scale); gives the fit weights ``m^2``.
+    te_s : sequence of E floats
+        Echo times (s), strictly increasing.
+    voxel_size_mm : sequence of 3 floats
+    phase_sign : {+1, -1}
+        Sign in ``phase = phi0 + phase_sign * 2 pi f TE``; see the module docstring.
+    mask : ndarray, shape (X, Y, Z), optional
+        Voxels outside are set to zero in every output (they are still unwrapped).
+    unwrap_mask : ndarray, shape (X, Y, Z), optional
+        Passed to :func:`~qsm_core.unwrap.laplacian_unwrap` as the trusted region.
+    workers : int
+        FFT threads.
+
+    Returns
+    -------
+    EchoFit
+
+    Examples
+    --------
+    >>> te = np.array([0.005, 0.010, 0.015])
+    >>> ph = 0.3 + 2 * np.pi * 20.0 * te * np.ones((4, 4, 4, 1))
+    >>> fit = fit_frequency(np.angle(np.exp(1j * ph)), np.ones_like(ph), te,
+    ...                     voxel_size_mm=(1, 1, 1))
+    >>> round(float(fit.frequency_hz.mean()), 3), round(float(fit.phase_offset_rad.mean()), 3)
+    (20.0, 0.3)
+    """
+    phase, mag, te = check_echo_inputs(phase_rad, magnitude, te_s)
+    if phase_sign not in (1, -1):
+        raise InputError(f"phase_sign must be +1 or -1, got {phase_sign!r}")
+    n_echo = te.size
+    shape = phase.shape[:3]
+    for name, m in (("mask", mask), ("unwrap_mask", unwrap_mask)):
+        if m is not None and np.shape(m) != shape:
+            raise InputError(f"{name} shape {np.shape(m)} does not match the image shape "
+                             f"{shape}")
+    unwrapped = np.empty_like(phase)
+    for e in range(n_echo):
+        unwrapped[..., e] = laplacian_unwrap(phase[..., e], voxel_size_mm=voxel_size_mm,
+                                             mask=unwrap_mask, workers=workers)
+    w = mag.astype(np.float32) ** 2
+    _restore_constants(unwrapped, phase, w, unwrap_mask)
+    wmax = float(w.max()) if w.size else 0.0
+    w += np.float32(max(wmax, 1e-30) * 1e-12)  # no all-zero weight voxels
+    two_pi = 2.0 * np.pi
+    if n_echo == 1:
+        freq = unwrapped[..., 0] / np.float32(two_pi * te[0])
+        phi0 = np.zeros(shape, np.float32)
+        sigma = background_noise_std(mag[..., 0])
+        var_f = (sigma**2 / w[..., 0]) / (two_pi * te[0]) ** 2
+        method = "background"
+    else:
+        t = te.astype(np.float32)
+        sw = w.sum(axis=3)
+        st = (w * t).sum(axis=3)
+        stt = (w * t * t).sum(axis=3)
+        sp = (w * unwrapped).sum(axis=3)
+        stp = (w * unwrapped * t).sum(axis=3)
+        det = sw * stt - st * st
+        det = np.maximum(det, np.float32(1e-30))
+        slope = (sw * stp - st * sp) / det
+        phi0 = (sp - slope * st) / sw
+        freq = slope / np.float32(two_pi)
+        if n_echo > 2:
+            resid = unwrapped - phi0[..., None] - slope[..., None] * t
+            sigma2 = (w * resid * resid).sum(axis=3) / np.float32(n_echo - 2)
+            method = "residual"
+        else:
+            sigma2 = np.float32(background_noise_std(mag[..., 0]) ** 2)
+            method = "background"
+        var_f = sigma2 * sw / det / np.float32(two_pi**2)
+    freq = (phase_sign * freq).astype(np.float32)
+    noise = np.sqrt(np.asarray(var_f, dtype=np.float32))
+    phi0 = phi0.astype(np.float32)
+    if mask is not None:
+        m = np.asarray(mask).astype(bool)
+        freq = freq * m
+        phi0 = phi0 * m
+        noise = noise * m
+    log.info("echo fit: %d echo(es), noise estimate from %s", n_echo, method)
+    return EchoFit(frequency_hz=freq, phase_offset_rad=phi0, noise_std_hz=noise.astype(np.float32),
+                   unwrapped_phase_rad=unwrapped, noise_method=method)

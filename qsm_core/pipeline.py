@@ -1,0 +1,270 @@
+"""The classical QSM pipeline: multi-echo GRE magnitude + phase -> susceptibility map.
+
+Stages (design.md section 4), each a plain function of its own module:
+
+1. ``mask``: brain mask from the magnitude (:func:`qsm_core.mask.brain_mask`); a user mask
+   always wins.
+2. ``unwrap_fit``: Laplacian unwrapping of each echo and a magnitude-weighted fit of phase
+   vs TE (:func:`qsm_core.echo_fit.fit_frequency`) -> total field (Hz).
+3. ``bgremove``: background field removal (:data:`qsm_core.background.BGREMOVE_METHODS`)
+   -> local field (Hz) and the final mask.
+4. ``inversion``: local field in ppm (Hz / :func:`qsm_core.ppm_to_hz`) -> chi (ppm) by
+   :data:`qsm_core.inversion.METHODS`.
+5. ``swi``: SWI and mIP from the echo nearest 20 ms and ``2 pi * local_field * TE``.
+
+The B0 direction in voxel axes and the voxel sizes come from the affine
+(:mod:`qsm_core.geometry`). Phase convention: ``phase = phi0 + phase_sign 2 pi f TE``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import qsm_core
+from qsm_core.background import BGREMOVE_METHODS
+from qsm_core.echo_fit import check_echo_inputs, fit_frequency
+from qsm_core.errors import InputError
+from qsm_core.geometry import b0_dir_from_affine, voxel_sizes_mm
+from qsm_core.mask import brain_mask, dilate_ball
+from qsm_core.swi import swi
+
+__all__ = ["ReconResult", "reconstruct", "STAGES", "SWI_TARGET_TE_S"]
+
+log = logging.getLogger(__name__)
+
+STAGES = ("mask", "unwrap_fit", "bgremove", "inversion", "swi")
+"""Stage names passed to the ``progress`` callback, in order."""
+
+SWI_TARGET_TE_S = 0.020
+"""SWI uses the echo whose TE is nearest this (s); ~20 ms is customary at 3 T."""
+
+DEFAULT_BGREMOVE_OPTIONS: dict = {"vsharp": {}, "pdf": {}}
+"""Options used unless the caller passes ``bgremove_options`` (see docs/pipeline.md)."""
+
+
+@dataclass
+class ReconResult:
+    """Outputs of :func:`reconstruct` (arrays of shape (X, Y, Z)).
+
+    Attributes
+    ----------
+    chi_ppm : float32
+        Susceptibility (ppm), zero outside ``mask``, referenced to its mean inside ``mask``.
+    mask : uint8
+        Final mask of ``chi_ppm`` (the brain mask after background removal's erosion).
+    local_field_hz : float32
+        Local (tissue) field (Hz), zero outside ``mask``.
+    total_field_hz : float32
+        Fitted total field (Hz) on the brain mask (up to a harmonic function, see
+        :mod:`qsm_core.unwrap`), zero outside it.
+    brain_mask : uint8
+        The brain mask before background removal (user mask or computed).
+    swi : float32
+        Susceptibility-weighted image (magnitude units).
+    mip : float32
+        Minimum-intensity projection of ``swi``.
+    parameters : dict
+        Every parameter used, JSON-serialisable, for provenance.
+    timings_s : dict
+        Wall time of each stage (s).
+    """
+
+    chi_ppm: np.ndarray
+    mask: np.ndarray
+    local_field_hz: np.ndarray
+    total_field_hz: np.ndarray
+    brain_mask: np.ndarray
+    swi: np.ndarray
+    mip: np.ndarray
+    parameters: dict = field(default_factory=dict)
+    timings_s: dict = field(default_factory=dict)
+
+
+def _inversion_methods():
+    from qsm_core.inversion import METHODS
+
+    return METHODS
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    return repr(obj)
+
+
+def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
+                method: str = "ilsqr", bgremove: str = "vsharp", mask=None,
+                phase_sign: int = +1, b0_world=(0.0, 0.0, 1.0), device: str = "cpu",
+                progress: Callable[[str], None] | None = None, mask_options=None,
+                bgremove_options=None, inversion_options=None,
+                unwrap_dilate_mm: float = 2.0) -> ReconResult:
+    """Run the whole QSM pipeline on one multi-echo GRE scan.
+
+    Parameters
+    ----------
+    magnitude : array_like, shape (X, Y, Z, E) or (X, Y, Z)
+        Magnitude of each echo (echoes last; 3D = single echo).
+    phase_rad : array_like, same shape
+        Wrapped phase (rad) of each echo.
+    te_s : sequence of E floats
+        Echo times (s), strictly increasing.
+    affine : ndarray, shape (4, 4)
+        Voxel-to-world affine (mm); gives voxel sizes and the B0 direction.
+    field_strength_t : float
+        B0 (T), for Hz -> ppm.
+    method : str
+        Dipole inversion, a key of :data:`qsm_core.inversion.METHODS`.
+    bgremove : str
+        Background removal, a key of :data:`qsm_core.background.BGREMOVE_METHODS`.
+    mask : array_like, shape (X, Y, Z), optional
+        User brain mask (nonzero inside); always used instead of the computed one.
+    phase_sign : {+1, -1}
+        Phase convention, see :mod:`qsm_core.echo_fit`.
+    b0_world : sequence of 3 floats
+        B0 direction in world coordinates (+z for scanner-aligned data).
+    device : str
+        Passed to the inversion (``"cpu"``, ``"torch-cpu"``, ``"cuda"``).
+    progress : callable, optional
+        Called with each stage name of :data:`STAGES` as it starts.
+    mask_options, bgremove_options, inversion_options : dict, optional
+        Extra keyword options of :func:`~qsm_core.mask.brain_mask`, the background method
+        and the inversion method.
+    unwrap_dilate_mm : float
+        The phase is unwrapped on the brain mask dilated by this much (mm), so that noise
+        outside the head cannot leak into the field (see :mod:`qsm_core.unwrap`). A
+        negative value unwraps on the whole volume.
+
+    Returns
+    -------
+    ReconResult
+
+    Raises
+    ------
+    InputError
+        Shape mismatch, TE count or order, NaN/Inf, empty mask, unknown method...
+    """
+    timings: dict[str, float] = {}
+    phase, mag, te = check_echo_inputs(phase_rad, magnitude, te_s)
+    shape = phase.shape[:3]
+    vox = voxel_sizes_mm(affine)
+    b0_dir = b0_dir_from_affine(affine, b0_world)
+    if not (np.isfinite(field_strength_t) and field_strength_t > 0):
+        raise InputError(f"field_strength_t must be a positive number of tesla, got "
+                         f"{field_strength_t!r}")
+    methods = _inversion_methods()
+    if method not in methods:
+        raise InputError(f"unknown inversion method {method!r}; choose one of "
+                         f"{sorted(methods)}")
+    if bgremove not in BGREMOVE_METHODS:
+        raise InputError(f"unknown background removal {bgremove!r}; choose one of "
+                         f"{sorted(BGREMOVE_METHODS)}")
+    if phase_sign not in (1, -1):
+        raise InputError(f"phase_sign must be +1 or -1, got {phase_sign!r}")
+    mask_options = dict(mask_options or {})
+    bg_opts = dict(DEFAULT_BGREMOVE_OPTIONS.get(bgremove, {}))
+    bg_opts.update(bgremove_options or {})
+    inv_opts = dict(inversion_options or {})
+    if mask is not None:
+        user_mask = np.asarray(mask)
+        if user_mask.shape != shape:
+            raise InputError(f"mask shape {user_mask.shape} does not match the image shape "
+                             f"{shape}; pass a mask on the same grid as the GRE images")
+        if not np.all(np.isfinite(user_mask)):
+            raise InputError("mask contains NaN or Inf")
+        if not np.any(user_mask):
+            raise InputError("the mask is empty; pass a mask that covers the brain")
+
+    def stage(name):
+        if progress is not None:
+            progress(name)
+        log.info("stage %s", name)
+        return time.perf_counter()
+
+    t0 = stage("mask")
+    if mask is not None:
+        bmask = (np.asarray(mask) != 0).astype(np.uint8)
+        mask_source = "user"
+    else:
+        bmask = brain_mask(mag, voxel_size_mm=vox, **mask_options)
+        mask_source = "brain_mask"
+    timings["mask"] = time.perf_counter() - t0
+
+    t0 = stage("unwrap_fit")
+    unwrap_mask = None
+    if unwrap_dilate_mm >= 0:
+        unwrap_mask = dilate_ball(bmask.astype(bool), unwrap_dilate_mm, voxel_size_mm=vox)
+    fit = fit_frequency(phase, mag, te, voxel_size_mm=vox, phase_sign=phase_sign,
+                        unwrap_mask=unwrap_mask)
+    total_hz = (fit.frequency_hz * bmask).astype(np.float32)
+    del fit.unwrapped_phase_rad
+    timings["unwrap_fit"] = time.perf_counter() - t0
+
+    t0 = stage("bgremove")
+    local_hz, final_mask = BGREMOVE_METHODS[bgremove](total_hz, bmask, voxel_size_mm=vox,
+                                                      b0_dir=b0_dir, **bg_opts)
+    final_mask = final_mask.astype(np.uint8)
+    if not final_mask.any():
+        raise InputError("the mask is empty after background removal (it is thinner than "
+                         "the V-SHARP kernel); pass a larger mask")
+    timings["bgremove"] = time.perf_counter() - t0
+
+    t0 = stage("inversion")
+    hz_per_ppm = qsm_core.ppm_to_hz(field_strength_t)
+    local_ppm = local_hz / np.float32(hz_per_ppm)
+    chi = methods[method](local_ppm, final_mask, voxel_size_mm=vox, b0_dir=b0_dir,
+                          device=device, **inv_opts)
+    chi = np.asarray(chi, dtype=np.float32)
+    timings["inversion"] = time.perf_counter() - t0
+
+    t0 = stage("swi")
+    e_swi = int(np.argmin(np.abs(te - SWI_TARGET_TE_S)))
+    swi_phase = (2.0 * np.pi * te[e_swi]) * local_hz
+    mip_axis = int(np.argmax(np.abs(b0_dir)))
+    swi_img, mip_img = swi(mag[..., e_swi], swi_phase.astype(np.float32), voxel_size_mm=vox,
+                           highpass=None, mask=final_mask, mip_axis=mip_axis)
+    timings["swi"] = time.perf_counter() - t0
+
+    for name, arr in (("chi_ppm", chi), ("local_field_hz", local_hz), ("swi", swi_img)):
+        if not np.all(np.isfinite(arr)):
+            raise InputError(f"the pipeline produced NaN/Inf in {name}; check the inputs "
+                             "(magnitude all zero? mask outside the head?)")
+
+    parameters = _jsonable({
+        "qsmrim_version": qsm_core.__version__,
+        "method": method,
+        "bgremove": bgremove,
+        "device": device,
+        "phase_sign": phase_sign,
+        "field_strength_t": float(field_strength_t),
+        "hz_per_ppm": hz_per_ppm,
+        "echo_times_s": te,
+        "voxel_size_mm": vox,
+        "b0_world": np.asarray(b0_world, float),
+        "b0_dir_voxel": b0_dir,
+        "mask_source": mask_source,
+        "mask_options": mask_options,
+        "unwrap": {"method": "laplacian", "dilate_mm": unwrap_dilate_mm},
+        "echo_fit": {"weights": "magnitude^2", "intercept": te.size > 1,
+                     "noise_method": fit.noise_method},
+        "bgremove_options": bg_opts,
+        "inversion_options": inv_opts,
+        "swi": {"echo_index": e_swi, "te_s": float(te[e_swi]), "power": 4,
+                "mip_slab_mm": 8.0, "mip_axis": mip_axis, "phase": "local_field"},
+    })
+    log.info("pipeline timings (s): %s", {k: round(v, 2) for k, v in timings.items()})
+    return ReconResult(chi_ppm=chi, mask=final_mask, local_field_hz=local_hz * final_mask,
+                       total_field_hz=total_hz, brain_mask=bmask, swi=swi_img, mip=mip_img,
+                       parameters=parameters, timings_s=timings)
