@@ -32,6 +32,7 @@ import numpy as np
 from qsm_core import __version__
 from qsm_core.errors import InputError
 from qsm_core.io import save_nifti, write_json, write_text
+from qsm_core.io.bids import write_megre
 from qsm_core.io.tables import write_table
 
 __all__ = ["write_dataset", "session_paths", "write_session"]
@@ -68,20 +69,13 @@ def write_session(root, plan, subject_index: int, session_index: int, *,
                       workers=workers)
     p = session_paths(root, subj.participant_id, ses.session_id)
     sc = r.scanner
-    for e, te in enumerate(r.echo_times_s):
-        for part, data in (("mag", r.magnitude[..., e]), ("phase", r.phase_rad[..., e])):
-            f = p["anat"] / f"{p['stem']}_echo-{e + 1}_part-{part}_MEGRE.nii.gz"
-            save_nifti(f, data, r.gre_affine)
-            side = {"EchoTime": float(te), "MagneticFieldStrength": sc.field_strength_t,
-                    "Manufacturer": sc.manufacturer, "RepetitionTime": sc.repetition_time_s,
-                    "FlipAngle": sc.flip_angle_deg, "EchoNumber": e + 1,
-                    "MRAcquisitionType": "3D", "ImageType": ["ORIGINAL", "PRIMARY",
-                                                              part.upper(), "SIMULATED"],
-                    "SimulatedBy": "qsmrim simulate"}
-            if part == "phase":
-                side["Units"] = "rad"
-                side["PhaseSign"] = "right-handed" if sc.phase_sign > 0 else "left-handed"
-            write_json(f.with_name(f.name.replace(".nii.gz", ".json")), side)
+    write_megre(root, subj.participant_id, ses.session_id, r.magnitude, r.phase_rad,
+                r.echo_times_s, r.gre_affine, field_strength_t=sc.field_strength_t,
+                metadata={"Manufacturer": sc.manufacturer,
+                          "RepetitionTime": sc.repetition_time_s,
+                          "FlipAngle": sc.flip_angle_deg, "MRAcquisitionType": "3D",
+                          "PhaseSign": "right-handed" if sc.phase_sign > 0 else "left-handed",
+                          "SimulatedBy": "qsmrim simulate"})
     save_nifti(p["flair"], r.flair, r.flair_affine)
     write_json(p["anat"] / f"{p['stem']}_FLAIR.json",
                {"MagneticFieldStrength": sc.field_strength_t, "Manufacturer": sc.manufacturer,
