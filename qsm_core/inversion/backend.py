@@ -59,9 +59,30 @@ class NumpyBackend:
         """Real-to-complex FFT over all three axes (complex64)."""
         return scipy.fft.rfftn(x, workers=self.workers, overwrite_x=False)
 
-    def irfftn(self, spec, shape) -> np.ndarray:
+    def irfftn(self, spec, shape, *, overwrite: bool = True) -> np.ndarray:
         """Inverse of :meth:`rfftn` (float32 of ``shape``); may overwrite ``spec``."""
-        return scipy.fft.irfftn(spec, s=shape, workers=self.workers, overwrite_x=True)
+        return scipy.fft.irfftn(spec, s=shape, workers=self.workers, overwrite_x=overwrite)
+
+    @staticmethod
+    def index(idx) -> np.ndarray:
+        """Flat indices for :meth:`gather`/:meth:`scatter`."""
+        return np.asarray(idx, dtype=np.intp)
+
+    @staticmethod
+    def gather(a, idx):
+        """``a.ravel()[idx]`` (a new contiguous array)."""
+        return np.take(a.reshape(-1), idx)
+
+    @staticmethod
+    def scatter(buf, idx, values):
+        """``buf.ravel()[idx] = values`` in place; returns ``buf``."""
+        buf.reshape(-1)[idx] = values
+        return buf
+
+    @staticmethod
+    def zeros_complex(shape) -> np.ndarray:
+        """complex64 zeros."""
+        return np.zeros(shape, dtype=np.complex64)
 
     # -- element-wise and BLAS-like ------------------------------------------------------
     @staticmethod
@@ -177,9 +198,28 @@ class TorchBackend:
         """Real-to-complex FFT over all three axes."""
         return self.torch.fft.rfftn(x, dim=(0, 1, 2))
 
-    def irfftn(self, spec, shape):
-        """Inverse of :meth:`rfftn`."""
+    def irfftn(self, spec, shape, *, overwrite: bool = True):
+        """Inverse of :meth:`rfftn` (never overwrites ``spec``)."""
         return self.torch.fft.irfftn(spec, s=tuple(shape), dim=(0, 1, 2))
+
+    def index(self, idx):
+        """Flat indices (a long tensor on the device)."""
+        return self.torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(self.device)
+
+    @staticmethod
+    def gather(a, idx):
+        """``a.ravel()[idx]``."""
+        return a.reshape(-1)[idx]
+
+    @staticmethod
+    def scatter(buf, idx, values):
+        """``buf.ravel()[idx] = values`` in place."""
+        buf.view(-1)[idx] = values
+        return buf
+
+    def zeros_complex(self, shape):
+        """complex64 zeros."""
+        return self.torch.zeros(tuple(shape), dtype=self.torch.complex64, device=self.device)
 
     def real_view(self, a):
         """Flat float32 view of a contiguous float32 or complex64 tensor."""
