@@ -1,0 +1,145 @@
+"""Lesion rendering and acquisition physics of the simulator."""
+
+import numpy as np
+import pytest
+
+from qsm_core import ppm_to_hz
+from qsm_core.dipole import forward_field_ppm
+from qsm_core.errors import InputError
+from qsm_core.geometry import b0_dir_from_affine
+from training.simulate import acquisition as acq
+from training.simulate.anatomy import LABEL_IDS, TISSUES, Anatomy, build_anatomy
+from training.simulate.lesions import (
+    TYPE_CODES,
+    Lesion,
+    LesionStyle,
+    assign_type,
+    rasterise,
+    render_lesions,
+)
+
+
+def _flat_wm(shape=(40, 40, 40), vox=1.0) -> Anatomy:
+    """A block of pure white matter (no partial volume) for lesion tests."""
+    a = build_anatomy(source="procedural", voxel_size_mm=(4, 4, 4), shape=(16, 16, 16),
+                      veins=False)
+    aff = np.diag([vox, vox, vox, 1.0])
+    aff[:3, 3] = -(np.array(shape) - 1) / 2 * vox
+    full = {k: np.full(shape, getattr(TISSUES["wm"], k), np.float32)
+            for k in ("chi_ppm", "r2star_s", "pd", "flair", "t1w")}
+    return Anatomy(labels=np.full(shape, LABEL_IDS["wm"], np.uint8),
+                   brain_mask=np.ones(shape, np.uint8), affine=aff,
+                   vein_fraction=np.zeros(shape, np.float32), source="test", key=a.key,
+                   **full)
+
+
+def _lesion(**kw):
+    base = dict(lesion_id=1, centre_mm=np.zeros(3), rotation=np.eye(3),
+                blobs=[(np.zeros(3), np.array([6.0, 4.5, 4.0]))], location="deep_wm",
+                shape_seed=7, irregularity=0.1)
+    base.update(kw)
+    return Lesion(**base)
+
+
+def test_prl_rim_contrast_coverage_and_thickness():
+    a = _flat_wm()
+    les = _lesion(qsm_type="rim", rim_variant="complete", rim_chi_ppm=0.04,
+                  rim_thickness_mm=1.0, rim_coverage=1.0, core_chi_ppm=0.0)
+    maps = render_lesions(a, [les])
+    lab, rim = maps["lesion_labels"], maps["rim_mask"]
+    wm = TISSUES["wm"].chi_ppm
+    assert maps["stats"][1]["rim_coverage"] == pytest.approx(1.0)
+    # the rim is +0.04 ppm above NAWM (partial volume at most halves it), the core is NAWM
+    d = a.chi_ppm[rim > 0] - wm
+    assert d.max() == pytest.approx(0.04, abs=1e-6) and d.min() >= 0.02 - 1e-6
+    assert np.median(d) == pytest.approx(0.04, abs=1e-6)
+    core = (lab == 1) & (rim == 0)
+    assert np.median(a.chi_ppm[core] - wm) == pytest.approx(0.0, abs=1e-6)
+    # a 1 mm rim on a 1 mm grid is one voxel thick: every rim voxel touches the outside
+    import scipy.ndimage as ndi
+    outer = (lab == 1) & ~ndi.binary_erosion(lab == 1, structure=np.ones((3, 3, 3)))
+    assert np.all(outer[rim > 0])
+    assert maps["type_map"][lab == 1].max() == TYPE_CODES["rim"]
+    # FLAIR hyperintense, R2* higher in the iron rim than in the core
+    assert a.flair[lab == 1].min() > 1.4 * TISSUES["wm"].flair
+    assert a.r2star_s[rim > 0].mean() > a.r2star_s[core].mean()
+
+
+@pytest.mark.parametrize("coverage", [0.3, 0.5, 0.85])
+def test_rim_coverage_follows_parameter(coverage):
+    a = _flat_wm()
+    les = _lesion(qsm_type="rim", rim_variant="incomplete", rim_chi_ppm=0.03,
+                  rim_thickness_mm=1.5, rim_coverage=coverage)
+    cov = render_lesions(a, [les])["stats"][1]["rim_coverage"]
+    assert cov == pytest.approx(coverage, abs=0.15)
+
+
+def test_confluent_and_irregular_shapes_are_grid_independent():
+    les = _lesion(blobs=[(np.zeros(3), np.array([5.0, 4.0, 3.5])),
+                         (np.array([6.0, 0, 0]), np.array([4.0, 3.5, 3.0]))],
+                  irregularity=0.2)
+    _, in1, _, _ = rasterise(les, _flat_wm(vox=1.0).affine, (40, 40, 40))
+    _, in2, _, _ = rasterise(les, _flat_wm(shape=(80, 80, 80), vox=0.5).affine, (80, 80, 80))
+    v1, v2 = in1.sum() * 1.0, in2.sum() * 0.125
+    assert v1 == pytest.approx(v2, rel=0.08)  # same shape in mm on both grids
+
+
+def test_no_rims_infratentorially(rng):
+    les = _lesion(location="infratentorial")
+    for _ in range(20):
+        t = assign_type(les, rng, prl=True,
+                        type_probs={"iso": 1, "hypo_rim": 1, "incomplete_rim": 1},
+                        style=LesionStyle(central_vein_prob=0, vein_at_edge_prob=0))
+        assert t.qsm_type in ("iso",) and not t.truth_prl
+
+
+def test_fourier_resample_grid_and_intensity():
+    x = np.ones((30, 30, 30), np.float32)
+    shape, scale = acq.grid_for(x.shape, (1, 1, 1), (0.9, 0.9, 2.0))
+    assert shape == (40, 40, 15) and np.allclose(scale, [0.9, 0.9, 2.0])
+    y = acq.fourier_resample(x, (1, 1, 1), (0.9, 0.9, 2.0))
+    assert y.shape == shape
+    assert y[5:25, 5:25, 3:12].mean() == pytest.approx(1.0, abs=0.02)
+    with pytest.raises(InputError, match="ratio"):
+        acq.grid_for(x.shape, (1, 1, 1), (1.2345, 1, 1))
+
+
+def test_gre_phase_encodes_forward_field_and_r2star():
+    """Noise-free echoes: phase differences = 2 pi gbar B0 f dTE; magnitude decays at R2*."""
+    anat = build_anatomy(source="procedural", voxel_size_mm=(3, 3, 3), shape=(48, 48, 48),
+                         seed=0)
+    rot = acq.tilt_rotation(4.0, 30.0)
+    aff = acq.world_affine(anat, rot)
+    field = acq.total_field(anat, aff)
+    # the same forward model, with the tilted B0 in voxel axes
+    b0 = b0_dir_from_affine(aff)
+    assert b0 == pytest.approx(rot.T @ [0, 0, 1])
+    direct = forward_field_ppm(anat.chi_ppm - 9.4, voxel_size_mm=(3, 3, 3), b0_dir=b0,
+                               pad_voxels=8)
+    brain = anat.brain_mask > 0
+    assert np.abs(field - direct)[brain].max() < 0.05  # only padding differences
+    sc = acq.ScannerPreset("t", "T", 3.0, (0.004, 0.008), snr=1e9)
+    mag, pha = acq.acquire_gre(anat, field, scanner=sc, voxel_size_mm=(3, 3, 3),
+                               rng=np.random.default_rng(0))
+    assert mag.shape == (48, 48, 48, 2) and pha.dtype == np.float32
+    assert pha.min() >= -np.pi and pha.max() < np.pi
+    dphi = np.angle(np.exp(1j * (pha[..., 1] - pha[..., 0])))
+    want = np.angle(np.exp(1j * 2 * np.pi * ppm_to_hz(3.0) * field * 0.004))
+    wm = (anat.labels == LABEL_IDS["wm"]) & (anat.vein_fraction == 0)
+    err = np.abs(np.angle(np.exp(1j * (dphi - want))))[wm]
+    assert np.median(err) < 1e-3
+    ratio = mag[..., 1][wm] / mag[..., 0][wm]
+    assert np.median(ratio) == pytest.approx(np.exp(-20.0 * 0.004), rel=0.01)
+
+
+def test_gre_noise_matches_stated_snr():
+    anat = build_anatomy(source="procedural", voxel_size_mm=(3, 3, 3), shape=(48, 48, 48),
+                         seed=0, veins=False)
+    field = np.zeros(anat.shape, np.float32)
+    sc = acq.ScannerPreset("t", "T", 3.0, (0.001,), snr=20.0)
+    mag, _ = acq.acquire_gre(anat, field, scanner=sc, voxel_size_mm=(3, 3, 3),
+                             rng=np.random.default_rng(1))
+    # outside the head the magnitude is Rayleigh noise: mean = sigma sqrt(pi/2)
+    air = anat.labels == LABEL_IDS["air"]
+    sigma = mag[..., 0][air].mean() / np.sqrt(np.pi / 2)
+    assert sigma == pytest.approx(TISSUES["wm"].pd / 20.0, rel=0.05)
