@@ -91,7 +91,7 @@ class _PatchDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         j = int(self.indices[i])
-        d = {"image": np.asarray(self.patches[j], dtype=np.float32)}
+        d = {"image": np.array(self.patches[j], dtype=np.float32)}  # a writable copy
         d = self.transform(d)
         d["label"] = torch.tensor(float(self.labels[j]))
         d["type"] = torch.tensor(int(self.types[j]))
