@@ -151,6 +151,7 @@ def write_dataset(out_dir, plan, *, flair_voxel_size_mm=None, workers: int = 1,
         jobs = [(str(stage), s.index, k, flair_voxel_size_mm)
                 for s in plan.subjects for k in range(len(s.sessions))]
         if not tables_only:
+            lesions["rendered_rim_coverage"] = np.nan
             _PLAN = plan
             failures = []
             bar = tqdm(total=len(jobs), desc="simulate", unit="scan", disable=not progress)

@@ -45,18 +45,18 @@ class ReaderModel:
     """
 
     threshold: float
-    noise_sd: float = 0.45
+    noise_sd: float = 0.38
     vein_susceptibility: float = 0.06
     incomplete_susceptibility: float = 0.6
 
 
 def default_readers(n: int = 3) -> list[ReaderModel]:
     """``n`` readers spread around a common threshold (CNR ~ 2.5) and vein weights."""
-    base = [ReaderModel(np.log(2.5), 0.45, 0.06, 0.6),
-            ReaderModel(np.log(2.0), 0.50, 0.09, 0.75),
-            ReaderModel(np.log(3.0), 0.40, 0.04, 0.5),
-            ReaderModel(np.log(2.3), 0.50, 0.07, 0.7),
-            ReaderModel(np.log(2.8), 0.45, 0.05, 0.55)]
+    base = [ReaderModel(np.log(2.5), 0.38, 0.06, 0.6),
+            ReaderModel(np.log(2.15), 0.42, 0.09, 0.75),
+            ReaderModel(np.log(2.9), 0.36, 0.04, 0.5),
+            ReaderModel(np.log(2.3), 0.40, 0.07, 0.7),
+            ReaderModel(np.log(2.7), 0.38, 0.05, 0.55)]
     return [base[i % len(base)] for i in range(n)]
 
 
@@ -100,7 +100,7 @@ def rim_evidence(df: pd.DataFrame, *, sigma_ppm: float, voxel_size_mm) -> dict:
 
 
 def read_lesions(df: pd.DataFrame, rng: np.random.Generator, *, readers: list[ReaderModel],
-                 sigma_ppm: float, voxel_size_mm, ambiguity_sd: float = 0.35) -> pd.DataFrame:
+                 sigma_ppm: float, voxel_size_mm, ambiguity_sd: float = 0.3) -> pd.DataFrame:
     """Add ``reader_1..K`` and ``consensus`` (majority) columns to a lesion table.
 
     Parameters
