@@ -4,11 +4,15 @@ It works on the same patches as the CNN (:mod:`rimnet.patches`; it reads the ``q
 and, if present, ``others`` channels), so both scorers share evaluation code. For each lesion:
 
 1. **Regions** (distances in mm from the lesion mask's edge, patch spacing ``patch_mm / P``):
-   the *rim band* is the lesion's outer layer (``d_in <= rim_inner_mm``) plus the tissue just
-   outside it (``0 < d_out <= rim_outer_mm``); the *core* is the lesion deeper than the band
-   (its deepest voxels for lesions too small to have one); *NAWM* is the ring
-   ``nawm_inner_mm < d_out <= nawm_outer_mm``. Voxels of other lesions are left out of all.
-   Contrast is susceptibility minus the NAWM median (ppm).
+   the *rim band* has an inner part, the lesion's outer shell (``d_in <= rim_inner_mm``,
+   2 mm), and an outer part, the tissue just outside (``0 < d_out <= rim_outer_mm``, 1 mm),
+   so that a rim lying just inside or just outside the FLAIR mask is seen; the *core* is the
+   lesion deeper than ``rim_inner_mm``; *NAWM* is the ring ``nawm_inner_mm < d_out <=
+   nawm_outer_mm`` (3-6 mm). Voxels of other lesions are left out of all. Contrast is
+   susceptibility minus the NAWM median (ppm). The reference of a rim is
+   ``max(core, NAWM)``; lesions too small to have a core (radius <~ 2.5 mm) are compared with
+   NAWM only, so a small uniformly hyperintense lesion can pass for a rim -- a known limit of
+   any rim-versus-core rule at this size.
 2. **Vein suppression**: voxels brighter than ``vein_min_ppm`` above NAWM (rims are
    +0.01...+0.06 ppm, veins +0.3...+0.45 ppm before partial volume) that form a connected
    (26-connectivity) structure reaching further than ``vein_reach_mm`` beyond the lesion edge
@@ -16,9 +20,11 @@ and, if present, ``others`` channels), so both scorers share evaluation code. Fo
    margin. A masked sector counts as not covered; masked core voxels are left out of the core.
 3. **Angular coverage** per slice (patch axis ``slice_axis``; axis 2 = the scan's slice axis):
    the band of each slice through the lesion is split into ``n_sectors`` angular sectors around
-   the lesion's in-slice centroid; a sector is *positive* when its mean contrast exceeds
-   ``rim_contrast_ppm``. Coverage = positive sectors / sectors holding band voxels (slices
-   with fewer than ``min_sector_fraction`` of the sectors populated get 0).
+   the lesion's in-slice centroid; a sector's rim value is the larger of the mean contrasts of
+   its inner and its outer band voxels, and the sector is *positive* when that value exceeds
+   the reference by ``rim_contrast_ppm`` (0.01 ppm). Coverage = positive sectors / sectors
+   holding band voxels (slices with fewer than ``min_sector_fraction`` of the sectors
+   populated get 0).
 4. **Call** (NAIMS-style): PRL if coverage >= ``coverage_min`` (2/3) on at least
    ``min_slices`` (2) consecutive slices **and** the rim-minus-core contrast is positive.
 5. **Score**: the margin ``min(run_coverage / coverage_min - 1, rim_minus_core_ppm /
@@ -89,7 +95,7 @@ def _empty_features() -> dict:
 
 
 def rim_features(chi_ppm: np.ndarray, lesion: np.ndarray, others: np.ndarray | None = None, *,
-                 spacing_mm: float = 1.0, rim_inner_mm: float = 1.0, rim_outer_mm: float = 2.0,
+                 spacing_mm: float = 1.0, rim_inner_mm: float = 2.0, rim_outer_mm: float = 1.0,
                  nawm_inner_mm: float = 3.0, nawm_outer_mm: float = 6.0, n_sectors: int = 12,
                  rim_contrast_ppm: float = 0.01, coverage_min: float = 2 / 3,
                  min_slices: int = 2, min_sector_fraction: float = 0.5,
@@ -133,10 +139,10 @@ def rim_features(chi_ppm: np.ndarray, lesion: np.ndarray, others: np.ndarray | N
     d_out = truncated_edt(les, spacing_mm=spacing_mm, max_mm=reach_mm)
     d_in = truncated_edt(~les, spacing_mm=spacing_mm, max_mm=rim_inner_mm + spacing_mm)
     free = ~oth
-    band = ((les & (d_in <= rim_inner_mm)) | (~les & (d_out <= rim_outer_mm))) & free
+    inner = les & (d_in <= rim_inner_mm) & free
+    outer = ~les & (d_out <= rim_outer_mm) & free
+    band = inner | outer
     core = les & (d_in > rim_inner_mm)
-    if not core.any():
-        core = les & (d_in >= d_in[les].max())
     ring = ~les & free & (d_out > nawm_inner_mm) & (d_out <= nawm_outer_mm)
     if not ring.any():
         ring = ~les & free & (d_out > rim_outer_mm)
@@ -154,9 +160,15 @@ def rim_features(chi_ppm: np.ndarray, lesion: np.ndarray, others: np.ndarray | N
             if veins.size:
                 vein = ndimage.binary_dilation(np.isin(comp, veins), structure=_STRUCT26)
     n_vein = int(np.count_nonzero(vein & (band | core)))
+    core_ok = core & ~vein
+    # Core reference (contrast to NAWM); lesions too small for a core are compared with NAWM.
+    core_ref = float(np.median(con[core_ok])) if core_ok.any() else 0.0
+    ref = max(core_ref, 0.0)
 
-    # Angular sectors per slice.
+    # Angular sectors per slice; a sector's rim value is the larger of the mean contrasts of
+    # its inner (lesion edge) and outer (just outside) band voxels.
     nk = les.shape[2]
+    nbin = nk * n_sectors
     counts_l = les.sum(axis=(0, 1))
     ii, jj = np.indices(les.shape[:2], dtype=np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -169,30 +181,29 @@ def rim_features(chi_ppm: np.ndarray, lesion: np.ndarray, others: np.ndarray | N
     sec = np.minimum(((ang + np.pi) / (2 * np.pi) * n_sectors).astype(int), n_sectors - 1)
     key = bk * n_sectors + sec
     usable = ~vein[bi, bj, bk]
-    tot = np.bincount(key, minlength=nk * n_sectors).reshape(nk, n_sectors)
-    cnt = np.bincount(key[usable], minlength=nk * n_sectors).reshape(nk, n_sectors)
-    sm = np.bincount(key[usable], weights=con[bi, bj, bk][usable],
-                     minlength=nk * n_sectors).reshape(nk, n_sectors)
+    is_in = les[bi, bj, bk]
+    vals = con[bi, bj, bk]
+    tot = np.bincount(key, minlength=nbin).reshape(nk, n_sectors)
+    rim_val = np.full((nk, n_sectors), np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = sm / cnt
-    positive = (cnt > 0) & (mean > rim_contrast_ppm)
+        for part in (usable & is_in, usable & ~is_in):
+            cnt = np.bincount(key[part], minlength=nbin).reshape(nk, n_sectors)
+            sm = np.bincount(key[part], weights=vals[part], minlength=nbin).reshape(nk,
+                                                                                  n_sectors)
+            rim_val = np.fmax(rim_val, sm / cnt)
+    has = ~np.isnan(rim_val)
+    positive = has & (np.nan_to_num(rim_val, nan=-np.inf) - ref > rim_contrast_ppm)
     available = (tot > 0).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cov = np.where(available >= min_sector_fraction * n_sectors,
-                       positive.sum(axis=1) / np.maximum(available, 1), 0.0)
+    cov = np.where(available >= min_sector_fraction * n_sectors,
+                   positive.sum(axis=1) / np.maximum(available, 1), 0.0)
     cov = cov[counts_l > 0]
     w = int(min_slices)
     if cov.size >= w:
         run_cov = float(np.max(np.lib.stride_tricks.sliding_window_view(cov, w).min(axis=1)))
     else:
         run_cov = 0.0
-
-    band_ok = band & ~vein
-    core_ok = core & ~vein
-    if not core_ok.any():
-        core_ok = core
-    rim_mean = float(con[band_ok].mean()) if band_ok.any() else 0.0
-    rim_minus_core = rim_mean - float(np.median(con[core_ok]))
+    rim_mean = float(rim_val[has].mean()) if has.any() else 0.0
+    rim_minus_core = rim_mean - core_ref
 
     call = bool(run_cov >= coverage_min - 1e-9 and rim_minus_core > 0)
     a = run_cov / coverage_min - 1.0
@@ -219,13 +230,13 @@ class RuleBasedRimDetector(ClassifierMixin, BaseEstimator):
         ``(C, P, P, P)``; needed when ``X`` is given flattened (N, C*P**3).
     rim_inner_mm, rim_outer_mm : float
         Rim band: lesion voxels within ``rim_inner_mm`` of its edge and outside voxels within
-        ``rim_outer_mm`` (1 and 2 mm).
+        ``rim_outer_mm`` (2 and 1 mm).
     nawm_inner_mm, nawm_outer_mm : float
         Normal-appearing white-matter reference ring (3-6 mm outside the edge).
     n_sectors : int
         Angular sectors per slice (12, i.e. 30 degrees).
     rim_contrast_ppm : float
-        Mean sector contrast above NAWM that makes a sector positive (0.01 ppm).
+        Sector rim value above ``max(core, NAWM)`` that makes a sector positive (0.01 ppm).
     coverage_min : float
         Coverage needed per slice (2/3).
     min_slices : int
@@ -247,7 +258,7 @@ class RuleBasedRimDetector(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, *, channels=DEFAULT_CHANNELS, patch_mm=32.0, patch_shape=None,
-                 rim_inner_mm=1.0, rim_outer_mm=2.0, nawm_inner_mm=3.0, nawm_outer_mm=6.0,
+                 rim_inner_mm=2.0, rim_outer_mm=1.0, nawm_inner_mm=3.0, nawm_outer_mm=6.0,
                  n_sectors=12, rim_contrast_ppm=0.01, coverage_min=2 / 3, min_slices=2,
                  min_sector_fraction=0.5, vein_min_ppm=0.10, vein_reach_mm=3.0,
                  contrast_scale_ppm=0.02, temperature=0.1, slice_axis=2, tune_threshold=False):
