@@ -139,10 +139,11 @@ def rim_features(chi_ppm: np.ndarray, lesion: np.ndarray, others: np.ndarray | N
     d_out = truncated_edt(les, spacing_mm=spacing_mm, max_mm=reach_mm)
     d_in = truncated_edt(~les, spacing_mm=spacing_mm, max_mm=rim_inner_mm + spacing_mm)
     free = ~oth
-    inner = les & (d_in <= rim_inner_mm) & free
-    outer = ~les & (d_out <= rim_outer_mm) & free
+    # bands are at least one voxel thick, whatever the patch spacing
+    inner = les & (d_in <= max(rim_inner_mm, spacing_mm * 1.001)) & free
+    outer = ~les & (d_out <= max(rim_outer_mm, spacing_mm * 1.001)) & free
     band = inner | outer
-    core = les & (d_in > rim_inner_mm)
+    core = les & ~inner & ~oth
     ring = ~les & free & (d_out > nawm_inner_mm) & (d_out <= nawm_outer_mm)
     if not ring.any():
         ring = ~les & free & (d_out > rim_outer_mm)
