@@ -595,7 +595,7 @@ class Predictor:
         dict
             The summary also written to ``<name>_scan.json``.
         """
-        from rimnet.review import lesion_montage
+        from rimnet.review import MontageWriter
 
         out_dir = Path(out_dir)
         t0 = time.perf_counter()
@@ -617,13 +617,13 @@ class Predictor:
         pngs = []
         if self.review and len(table):
             t_rev = time.perf_counter()
-            vs = voxel_sizes_mm(res.affine)
+            writer = MontageWriter(res.images, res.labels,
+                                   voxel_size_mm=voxel_sizes_mm(res.affine))
             for row in table.itertuples(index=False):
                 png = folder / "review" / f"{scan.name}_lesion-{int(row.lesion_id)}.png"
-                title = _title(scan, row)
-                lesion_montage(png, res.images, res.labels, int(row.lesion_id),
-                               (row.centroid_i, row.centroid_j, row.centroid_k),
-                               voxel_size_mm=vs, title=title)
+                writer.write(png, int(row.lesion_id),
+                             (row.centroid_i, row.centroid_j, row.centroid_k),
+                             title=_title(scan, row))
                 pngs.append(png.relative_to(out_dir).as_posix())
             res.timings_s["review"] = time.perf_counter() - t_rev
         summary = {
