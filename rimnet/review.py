@@ -122,8 +122,9 @@ def lesion_montage(path, images: dict, labels: np.ndarray, lesion_id: int, centr
     """Write a PNG of one lesion on QSM / FLAIR / SWI (those present), atomically.
 
     The slice through the centroid (array axis 2), ``fov_mm`` wide, windowed (QSM
-    -0.15...+0.15 ppm; FLAIR/SWI 1st-99.5th percentile), the lesion outlined in red (pixels just outside it)
-    and other lesions in blue, ``title`` above. For many lesions of one scan use :class:`MontageWriter`.
+    -0.15...+0.15 ppm; FLAIR/SWI 1st-99.5th percentile), the lesion outlined in red (pixels
+    just outside it) and other lesions in blue, ``title`` above. For many lesions of one scan
+    use :class:`MontageWriter`.
 
     Parameters
     ----------
