@@ -106,19 +106,23 @@ def lsqr(op: LinearOperator, b, *, atol: float = 1e-2, btol: float = 1e-2,
     LSQRResult
     """
     bk = op.backend
+    # Lazy normalisation: the Golub-Kahan vectors are kept unnormalised ("raw") with
+    # known scales (u = su * u_raw, v = sv * v_raw, w = sw * w_raw); the scales are
+    # folded into the fused operator updates, saving one pass over u and one over v
+    # per iteration. Raw vectors are renormalised when a scale drifts far from 1.
     u = b
     beta = bk.nrm2(u)
     bnorm = beta
     if beta == 0.0:
         x = bk.scal(0.0, op.rmatvec(u))
         return LSQRResult(x, 0, "zero_rhs", 0.0, 0.0, 0.0)
-    bk.scal(1.0 / beta, u)
+    su = 1.0 / beta
     v = op.rmatvec(u)
-    alpha = bk.nrm2(v)
+    alpha = su * bk.nrm2(v)
     if alpha == 0.0:
         return LSQRResult(bk.scal(0.0, v), 0, "zero_rhs", beta, 0.0, 0.0)
-    bk.scal(1.0 / alpha, v)
-    w = bk.copy(v)
+    sv = su / alpha
+    w, sw = bk.copy(v), sv
     x = None
     phibar, rhobar = beta, alpha
     anorm_sq = 0.0
@@ -129,16 +133,24 @@ def lsqr(op: LinearOperator, b, *, atol: float = 1e-2, btol: float = 1e-2,
     while itn < max_iter:
         t0 = time.perf_counter()
         itn += 1
-        # Golub-Kahan step: beta u = A v - alpha u ; alpha v = A^T u - beta v.
-        u = op.matvec_update(v, u, alpha)
-        beta = bk.nrm2(u)
-        if beta > 0.0:
-            bk.scal(1.0 / beta, u)
+        # Golub-Kahan step: beta u' = A v - alpha u ; alpha v' = A^T u' - beta v.
+        u = op.matvec_update(v, u, alpha * su / sv)  # = (A v - alpha u) / sv
+        beta = sv * bk.nrm2(u)
         anorm_sq += alpha * alpha + beta * beta
-        v = op.rmatvec_update(u, v, beta)
-        alpha = bk.nrm2(v)
+        if beta == 0.0:
+            stop = "residual"
+            break
+        su = sv / beta
+        if not 1e-4 < su < 1e4:  # keep raw magnitudes (and their squares) in float32 range
+            bk.scal(su, u)
+            su = 1.0
+        v = op.rmatvec_update(u, v, beta * sv / su)  # = (A^T u' - beta v) / su
+        alpha = su * bk.nrm2(v)
         if alpha > 0.0:
-            bk.scal(1.0 / alpha, v)
+            sv = su / alpha
+            if not 1e-4 < sv < 1e4:
+                bk.scal(sv, v)
+                sv = 1.0
         # Plane rotation eliminating the sub-diagonal beta.
         rho = math.hypot(rhobar, beta)
         c, s = rhobar / rho, beta / rho
@@ -148,11 +160,13 @@ def lsqr(op: LinearOperator, b, *, atol: float = 1e-2, btol: float = 1e-2,
         phibar = s * phibar
         # x += (phi / rho) w ;  w = v - (theta / rho) w
         if x is None:
-            x = bk.scal(phi / rho, bk.copy(w))
+            x = bk.scal(phi / rho * sw, bk.copy(w))
         else:
-            bk.axpy(phi / rho, w, x)
-        bk.scal(-theta / rho, w)
-        bk.axpy(1.0, v, w)
+            bk.axpy(phi / rho * sw, w, x)
+        if alpha > 0.0:
+            bk.scal(-theta / rho * sw / sv, w)
+            bk.axpy(1.0, v, w)
+            sw = sv
         bk.synchronize()
         times.append(time.perf_counter() - t0)
         rnorm = phibar
@@ -167,8 +181,8 @@ def lsqr(op: LinearOperator, b, *, atol: float = 1e-2, btol: float = 1e-2,
         if rnorm > 0 and arnorm / (anorm * rnorm) <= atol:
             stop = "normal_equations"
             break
-        if alpha == 0.0 or beta == 0.0:
-            stop = "residual"
+        if alpha == 0.0:
+            stop = "normal_equations"
             break
     if x is None:
         x = bk.scal(0.0, bk.copy(w))

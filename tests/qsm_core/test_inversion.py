@@ -125,6 +125,18 @@ def test_lsqr_matches_reference_solution(device, rng):
     assert res8.n_iter == 8 and res8.stop == "max_iter"
 
 
+@pytest.mark.parametrize("factor", [1e-6, 1e6])
+def test_lsqr_is_scale_invariant(factor, rng):
+    """Badly scaled operators exercise the lazy normalisation's rescaling."""
+    bk = get_backend("cpu")
+    a = rng.normal(size=(80, 30))
+    b = rng.normal(size=80)
+    ref = lsqr(_Dense(bk, a), bk.asarray(b), atol=0, btol=0, max_iter=40).x
+    got = lsqr(_Dense(bk, a * factor), bk.asarray(b), atol=0, btol=0, max_iter=40).x
+    assert np.all(np.isfinite(got))
+    assert np.linalg.norm(got * factor - ref) / np.linalg.norm(ref) < 1e-4
+
+
 def test_lsqr_zero_rhs():
     bk = get_backend("cpu")
     res = lsqr(_Dense(bk, np.eye(3)), bk.asarray(np.zeros(3)))
