@@ -182,6 +182,48 @@ def _typed(les, rng, preset, g, prl, scale):
                        layered_prob=preset.layered_prob, style=g.style, scale=scale)
 
 
+def _follow_up(previous: list, next_id: int, base, rng, preset, g: GroupSpec, scale):
+    """Lesions at the next scan: enhancement resolves, new lesions and new rims appear.
+
+    New rims per follow-up: on average ``lam = new_lesions_per_followup x
+    new_lesion_rim_prob``, a share ``f = new_rim_after_enhancing_fraction`` of them in
+    lesions that enhanced at the previous scan (each turns into a PRL with probability
+    ``lam f / E[enhancing lesions per scan]``), the others (Poisson ``lam (1 - f)``) in new,
+    non-enhancing lesions. Other new lesions enhance
+    with probability 0.5 (gadolinium enhancement lasts weeks; Cotton et al. 2003).
+    """
+    cur = [les.evolve(enhancing=False, new=False, new_rim=False,
+                      prior_enhancing=les.enhancing) for les in previous]
+    lam = g.new_lesions_per_followup * g.new_lesion_rim_prob  # new rims per follow-up
+    f = g.new_rim_after_enhancing_fraction
+    # each lesion that enhanced at the previous scan turns into a PRL with probability q,
+    # q chosen so that the expected after-enhancement rims are f * lam per follow-up
+    expected_enhancing = max(0.5 * g.new_lesions_per_followup, 1e-9)
+    q = min(1.0, lam * f / expected_enhancing)
+    for k, les in enumerate(cur):
+        if les.prior_enhancing and not les.truth_prl and les.location != "infratentorial" \
+                and rng.random() < q:
+            rim = _typed(les, rng, preset, g, True, scale)
+            cur[k] = les.evolve(qsm_type=rim.qsm_type, rim_variant=rim.rim_variant,
+                                rim_chi_ppm=rim.rim_chi_ppm, core_chi_ppm=rim.core_chi_ppm,
+                                rim_thickness_mm=rim.rim_thickness_mm,
+                                rim_coverage=rim.rim_coverage, new_rim=True)
+    n_direct = int(rng.poisson(lam * (1 - f)))
+    n_new = max(int(rng.poisson(g.new_lesions_per_followup)), n_direct)
+    new = _place_many(base_anatomy(*base.key), rng, g, n_new, next_id, cur, scale)
+    for j, les in enumerate(new):
+        if j < n_direct and les.location != "infratentorial":
+            les = _typed(les, rng, preset, g, True, scale).evolve(new=True, new_rim=True)
+        else:
+            les = _typed(les, rng, preset, g, False, scale)
+            if les.qsm_type == "rim":  # a new lesion has no incomplete rim yet
+                les = les.evolve(qsm_type="iso", rim_variant="none", rim_chi_ppm=0.0,
+                                 rim_coverage=0.0, rim_thickness_mm=0.0)
+            les = les.evolve(new=True, enhancing=bool(rng.random() < 0.5))
+        cur.append(les)
+    return cur, next_id + len(new) + 1
+
+
 def plan_cohort(preset: str | CohortPreset = "seed-study", *, n_subjects: int, seed: int = 0,
                 scanner: str = "siemens", voxel_size_mm=(1.0, 1.0, 1.0),
                 source: str = "mni", anatomy_voxel_mm=None, anatomy_shape=None,
@@ -278,49 +320,23 @@ def plan_cohort(preset: str | CohortPreset = "seed-study", *, n_subjects: int, s
                 typed.append(les.evolve(enhancing=bool(srng.random() < enh_p)))
             baseline[i] = typed
 
-    # sessions and follow-up evolution
+    # sessions: stratified counts per group, then follow-up evolution
+    n_sessions = {}
+    for gi, g in enumerate(preset.groups):
+        idx = [sp.index for sp in subjects if group_of[sp.index] == gi]
+        u = (crng.permutation(len(idx)) + crng.uniform(size=len(idx))) / max(len(idx), 1)
+        lam = max(g.sessions_mean - 1.0, 0.0)
+        extra = st.poisson.ppf(u, lam).astype(int) if lam > 0 else np.zeros(len(idx), int)
+        for i, e in zip(idx, extra):
+            n_sessions[i] = int(min(1 + e, 6))
     for subj in subjects:
         g = preset.groups[int(group_of[subj.index])]
         srng = np.random.default_rng([seed, 5, subj.index])
-        n_ses = int(min(1 + srng.poisson(max(g.sessions_mean - 1.0, 0.0)), 6))
         current = list(baseline[subj.index])
-        pending_rim: set = set()
         next_id = max([les.lesion_id for les in current], default=0) + 1
-        for s in range(n_ses):
+        for s in range(n_sessions[subj.index]):
             if s > 0:
-                evolved = []
-                for les in current:
-                    ch = dict(enhancing=False, new=False, new_rim=False,
-                              prior_enhancing=les.enhancing)
-                    if les.lesion_id in pending_rim:
-                        rim = _typed(les, srng, preset, g, True, scale)
-                        ch.update(qsm_type=rim.qsm_type, rim_variant=rim.rim_variant,
-                                  rim_chi_ppm=rim.rim_chi_ppm,
-                                  rim_thickness_mm=rim.rim_thickness_mm,
-                                  rim_coverage=rim.rim_coverage, new_rim=True)
-                    evolved.append(les.evolve(**ch))
-                pending_rim = set()
-                n_new = int(srng.poisson(g.new_lesions_per_followup))
-                new = _place_many(base_anatomy(*base.key), srng, g, n_new, next_id, evolved,
-                                  scale)
-                next_id += len(new) + 1
-                for les in new:
-                    becomes = srng.random() < g.new_lesion_rim_prob
-                    after_enh = becomes and srng.random() < g.new_rim_after_enhancing_fraction
-                    if becomes and not after_enh and les.location != "infratentorial":
-                        les = _typed(les, srng, preset, g, True, scale)
-                        les = les.evolve(enhancing=False, new=True, new_rim=True)
-                    else:
-                        les = _typed(les, srng, preset, g, False, scale)
-                        if les.qsm_type == "rim":  # new lesions: no incomplete rim yet
-                            les = les.evolve(qsm_type="iso", rim_variant="none",
-                                             rim_chi_ppm=0.0, rim_coverage=0.0)
-                        les = les.evolve(enhancing=bool(after_enh or srng.random() < 0.3),
-                                         new=True)
-                        if after_enh and les.location != "infratentorial":
-                            pending_rim.add(les.lesion_id)
-                    evolved.append(les)
-                current = evolved
+                current, next_id = _follow_up(current, next_id, base, srng, preset, g, scale)
             tilt = float(crng.uniform(0, max_tilt_deg))
             az = float(crng.uniform(0, 360))
             subj.sessions.append(SessionPlan(f"ses-{s + 1:02d}", s, list(current), tilt, az))
