@@ -99,7 +99,8 @@ def flair_reference(flair: np.ndarray, *, lesion_labels: np.ndarray | None = Non
     Returns
     -------
     float
-        A strictly positive reference intensity.
+        A strictly positive reference intensity (from a regular subsample of at least 500,000
+        voxels on large volumes).
     """
     flair = np.asarray(flair)
     if brain_mask is not None:
@@ -110,6 +111,8 @@ def flair_reference(flair: np.ndarray, *, lesion_labels: np.ndarray | None = Non
     if lesion_labels is not None:
         sel &= np.asarray(lesion_labels) == 0
     vals = flair[sel]
+    if vals.size > 1_000_000:  # a regular subsample gives the same median to ~0.1 %
+        vals = vals[:: vals.size // 500_000]
     ref = float(np.median(vals)) if vals.size else 0.0
     if not np.isfinite(ref) or ref <= 0:
         raise InputError("FLAIR has no positive normal-appearing tissue to normalise by "
