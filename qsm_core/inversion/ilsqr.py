@@ -236,16 +236,28 @@ class _ConeGradientOp(LinearOperator):
     """
 
     def __init__(self, bk, grid: Grid, cone: np.ndarray, scale: np.ndarray,
-                 gweights: np.ndarray):
+                 gweights: np.ndarray, precondition: bool = False):
         self.backend = bk
         self.fft = _Timed(bk)
         self.shape, self.box = grid.shape, grid.box
         self.shifted = [_shift(grid.box, ax, 1) for ax in range(3)]
-        cone = np.asarray(cone, bool)
+        cone = np.asarray(cone, bool).copy()
         scale_full = np.broadcast_to(scale, cone.shape)
+        pc = np.ones(cone.shape, np.float32)
+        if precondition:
+            # Right preconditioner 1/|G(k)| (forward-difference gradient magnitude):
+            # makes the operator close to an isometry, so LSQR converges in few steps.
+            g2 = np.zeros(cone.shape, np.float64)
+            for ax, h in enumerate(grid.voxel_size_mm):
+                n = grid.shape[ax]
+                m = np.arange(cone.shape[ax])
+                gk = (2.0 * np.sin(np.pi * m / n) / h) ** 2
+                g2 = g2 + gk.reshape([-1 if a == ax else 1 for a in range(3)])
+            cone[0, 0, 0] = False
+            pc[cone] = 1.0 / np.sqrt(g2[cone])
         self.idx = bk.index(np.flatnonzero(cone))
-        self.k_fwd = bk.kernel(scale_full[cone])
-        self.k_adj = bk.kernel(1.0 / scale_full[cone])
+        self.k_fwd = bk.kernel(scale_full[cone] * pc[cone])
+        self.k_adj = bk.kernel(pc[cone] / scale_full[cone])
         box = (slice(None),) + grid.box
         self.weight = bk.asarray(gweights[box])
         self.neg_weight = bk.asarray(-gweights[box])
@@ -349,9 +361,10 @@ def _tqdm_progress():
 
 
 def ilsqr(local_field_ppm, mask, *, voxel_size_mm, b0_dir, tol_lsqr: float = 0.01,
-          tol_streak: float = 1e-3, max_iter: int = 50, max_iter_streak: int | None = None,
+          tol_streak: float = 1e-3, max_iter: int = 50, max_iter_streak: int = 15,
           device: str = "cpu", progress=None, pad_voxels=12, reference: str = "mask_mean",
-          return_info: bool = False, keep_intermediate: bool = False):
+          return_info: bool = False, keep_intermediate: bool = False,
+          precondition: bool = True):
     """Susceptibility by iLSQR (Li et al. 2015).
 
     Parameters
@@ -369,9 +382,9 @@ def ilsqr(local_field_ppm, mask, *, voxel_size_mm, b0_dir, tol_lsqr: float = 0.0
     tol_streak : float
         LSQR tolerance of step 3.
     max_iter : int
-        Iteration cap of step 1 (and of step 3 unless ``max_iter_streak`` is given).
-    max_iter_streak : int, optional
-        Iteration cap of step 3.
+        Iteration cap of step 1.
+    max_iter_streak : int
+        Iteration cap of step 3 (with ``precondition=False`` it needs ~50-100).
     device : {"cpu", "torch-cpu", "cuda"}
         ``"cpu"``: numpy/scipy; ``"torch-cpu"``/``"cuda"``: the same algorithm in torch.
     progress : callable or bool, optional
@@ -382,6 +395,10 @@ def ilsqr(local_field_ppm, mask, *, voxel_size_mm, b0_dir, tol_lsqr: float = 0.0
         Subtract the mean inside the mask (default) or not.
     return_info : bool
         Also return an :class:`ILSQRInfo`.
+    precondition : bool
+        Right-precondition step 3 by ``1 / |G(k)|`` (the gradient's k-space magnitude):
+        the same least-squares problem, reached in ~15 instead of 100+ iterations, with a
+        smaller error on noisy fields (docs/ilsqr.md). ``False``: plain LSQR as published.
     keep_intermediate : bool
         Store the step maps in the info (implies nothing unless ``return_info``).
 
@@ -395,9 +412,10 @@ def ilsqr(local_field_ppm, mask, *, voxel_size_mm, b0_dir, tol_lsqr: float = 0.0
     for name, tol in (("tol_lsqr", tol_lsqr), ("tol_streak", tol_streak)):
         if not (np.isfinite(tol) and 0 < tol < 1):
             raise InputError(f"ilsqr: {name} must be in (0, 1), got {tol!r}")
-    if int(max_iter) < 1:
-        raise InputError(f"ilsqr: max_iter must be >= 1, got {max_iter!r}")
-    max_iter_streak = max_iter if max_iter_streak is None else int(max_iter_streak)
+    if int(max_iter) < 1 or int(max_iter_streak) < 1:
+        raise InputError(f"ilsqr: max_iter and max_iter_streak must be >= 1, got "
+                         f"{max_iter!r}, {max_iter_streak!r}")
+    max_iter_streak = int(max_iter_streak)
     info = ILSQRInfo()
     close = None
     if progress is True:
@@ -442,7 +460,7 @@ def ilsqr(local_field_ppm, mask, *, voxel_size_mm, b0_dir, tol_lsqr: float = 0.0
         # Step 3: streaking on the ill-conditioned cone.
         t0 = time.perf_counter()
         cone = np.abs(d) < CONE_THRESHOLD
-        op3 = _ConeGradientOp(bk, grid, cone, scale, w_grad)
+        op3 = _ConeGradientOp(bk, grid, cone, scale, w_grad, precondition=precondition)
         b3 = op3.grad(chi_lsqr, bk.empty_like(op3.weight))
         res3 = lsqr(op3, b3, atol=tol_streak, btol=tol_streak, max_iter=max_iter_streak,
                     progress=progress, label="streak")
