@@ -531,9 +531,7 @@ class Predictor:
             log.warning("%s: no lesions in %s (after the %.1f mm size filter); recorded with "
                         "n_lesions = 0", scan.name, scan.lesion_path, self.min_long_axis_mm)
         t1 = time.perf_counter()
-        mask_path = chimap.with_name(chimap.name.replace("_Chimap.", "_desc-brain_mask."))
-        brain = (load_nifti(mask_path, dtype=np.uint8)[0] > 0 if mask_path.is_file()
-                 else chi != 0)
+        brain = chi != 0  # the QSM mask; training (training.dataset) uses the same reference
         flair_ref = None
         if "flair" in images and "flair" in self.channels:
             flair_ref = flair_reference(images["flair"], lesion_labels=labels,
