@@ -11,6 +11,7 @@
 Usage::
 
     python benchmarks/bench_predict.py [--threads 2] [--n-lesions 400] [--model DIR]
+        [--tta none|flip|d4|d4z] [--folds K]
         [--bids sim/ --lesions sim/derivatives/lesions --participant-label 001]
 """
 
@@ -47,7 +48,7 @@ def synthetic_scan(n_lesions: int, rng, shape=(160, 192, 160)):
     return chi, flair, labels
 
 
-def default_like_model(patch_voxels: int):
+def default_like_model(patch_voxels: int, *, tta=None, n_folds=None):
     from rimnet.model import RimCNN
     from rimnet.network import build_network
     from training.config import TrainConfig
@@ -55,10 +56,11 @@ def default_like_model(patch_voxels: int):
     cfg = TrainConfig()
     config = {"channels": list(cfg.channels), "patch_mm": cfg.patch_mm,
               "patch_voxels": patch_voxels, "arch": cfg.arch,
-              "net_channels": list(cfg.net_channels), "n_types": 0, "tta": cfg.tta}
+              "net_channels": list(cfg.net_channels), "n_types": 0, "tta": tta or cfg.tta}
+    k = n_folds or cfg.n_folds
     nets = [build_network(in_channels=len(cfg.channels), arch=cfg.arch,
-                          channels=tuple(cfg.net_channels)) for _ in range(cfg.n_folds)]
-    return RimCNN(nets, config=config), f"untrained {cfg.arch} x{cfg.n_folds} folds, tta={cfg.tta}"
+                          channels=tuple(cfg.net_channels)) for _ in range(k)]
+    return RimCNN(nets, config=config), f"untrained {cfg.arch} x{k} folds, tta={config['tta']}"
 
 
 def main(argv=None) -> int:
@@ -66,6 +68,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-lesions", type=int, default=400)
     ap.add_argument("--model", help="model directory (default: packaged, else untrained)")
+    ap.add_argument("--tta", choices=("none", "flip", "d4", "d4z"),
+                    help="test-time augmentation (default: the model's)")
+    ap.add_argument("--folds", type=int, help="number of fold networks to use")
     ap.add_argument("--bids", help="BIDS dataset with raw MEGRE (for the end-to-end timing)")
     ap.add_argument("--lesions", help="lesion-map folder of --bids")
     ap.add_argument("--participant-label", default=None)
@@ -86,9 +91,11 @@ def main(argv=None) -> int:
     n = len(table)
     model_dir = args.model or (default_model_dir() if default_model_dir().is_dir() else None)
     if model_dir is not None:
-        model, what = load_model(model_dir), f"model {model_dir}"
+        folds = list(range(args.folds)) if args.folds else None
+        model = load_model(model_dir, tta=args.tta, folds=folds)
+        what = f"{model!r} from {model_dir}"
     else:
-        model, what = default_like_model(32)
+        model, what = default_like_model(32, tta=args.tta, n_folds=args.folds)
     ids = table["lesion_id"].to_numpy()
     cents = table[["centroid_i", "centroid_j", "centroid_k"]].to_numpy()
 
@@ -121,6 +128,8 @@ def main(argv=None) -> int:
         if args.participant_label:
             argv += ["--participant-label", args.participant_label]
         argv += ["--model", str(model_dir)] if model_dir else ["--no-cnn"]
+        if model_dir and args.tta:
+            argv += ["--tta", args.tta]
         t0 = time.perf_counter()
         rc = cli(argv)
         wall = time.perf_counter() - t0

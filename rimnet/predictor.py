@@ -251,7 +251,8 @@ def default_model_dir() -> Path:
     return Path(__file__).with_name("default_model")
 
 
-def load_model(model_dir=None, *, device: str = "cpu"):
+def load_model(model_dir=None, *, device: str = "cpu", tta: str | None = None,
+               folds=None):
     """Load the rim CNN (:class:`rimnet.model.RimCNN`) from a model directory.
 
     Parameters
@@ -259,6 +260,10 @@ def load_model(model_dir=None, *, device: str = "cpu"):
     model_dir : str or Path, optional
         Default: the packaged model, :func:`default_model_dir`.
     device : str
+    tta : str, optional
+        Override the model's test-time augmentation (``none`` is fastest).
+    folds : sequence of int, optional
+        Use only these fold networks (fewer = faster, less accurate).
 
     Raises
     ------
@@ -277,7 +282,12 @@ def load_model(model_dir=None, *, device: str = "cpu"):
     except ImportError as exc:
         raise InputError(f"the CNN model code is not available ({exc}); {hint}") from None
     try:
-        model = RimCNN.load(path, device=device)
+        kwargs = {"device": device}
+        if tta is not None:
+            kwargs["tta"] = tta
+        if folds is not None:
+            kwargs["folds"] = [int(f) for f in folds]
+        model = RimCNN.load(path, **kwargs)
     except QSMRimError as exc:
         raise InputError(f"{path}: not a usable model directory ({exc}); {hint}") from None
     except Exception as exc:  # torch/json/pickle errors of a corrupted directory

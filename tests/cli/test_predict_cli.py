@@ -31,7 +31,7 @@ def test_predict_with_model_writes_every_output(tmp_path, rng):
     model = _tiny_model(tmp_path / "model")
     out = tmp_path / "out"
     rc = main(["predict", str(tmp_path / "bids"), str(out), "--lesions", str(tmp_path / "les"),
-               "--qsm", str(tmp_path / "qsm"), "--model", str(model)])
+               "--qsm", str(tmp_path / "qsm"), "--model", str(model), "--tta", "none"])
     assert rc == 0
     pred = pd.read_csv(out / "predictions.tsv", sep="\t")
     assert len(pred) == 1 + 2
