@@ -8,10 +8,17 @@ with ``phase_sign = +1`` the right-handed default (positive frequency = paramagn
 shift gives positive phase); pass ``phase_sign=-1`` for data in the opposite (left-handed)
 convention. The frequency ``f`` returned is always in the right-handed sense.
 
-Each echo is unwrapped with :func:`qsm_core.unwrap.laplacian_unwrap`. Its output is a
-linear function of the true phase (up to a harmonic function and a constant), so the
-unwrapped echoes stay exactly affine in TE and the fitted slope is the true frequency up
-to a harmonic function, which background-field removal then takes away.
+Unwrapping uses :func:`qsm_core.unwrap.laplacian_unwrap`, whose output is a linear
+function of the true phase (up to a harmonic function and a constant), so the unwrapped
+echoes stay exactly affine in TE and the fitted slope is the true frequency up to a
+harmonic function, which background-field removal then takes away. By default
+(``unwrap='differences'``) the first echo is unwrapped, then each echo-to-echo difference
+``arg(z_e conj(z_{e-1}))``, and the unwrapped differences are summed. Where every
+neighbour difference is below pi both routes give the same result (the sum telescopes),
+but the differences evolve over ``TE_e - TE_{e-1}`` instead of ``TE_e``: a late echo
+near an air-tissue interface, whose spatial phase gradient exceeds pi per voxel and
+breaks per-echo unwrapping, is still unwrapped correctly (on the MNI head phantom at 3 T
+this removed field errors of several Hz in the orbitofrontal and temporal cortex).
 
 The fit is weighted least squares with an intercept ``phi0``. The phase noise of echo e
 has variance ``sigma^2 / m_e^2`` (``m_e`` the magnitude, ``sigma`` the complex noise std),
@@ -161,7 +168,8 @@ def _restore_constants(unwrapped, phase, w, region):
 
 
 def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int = +1,
-                  mask=None, unwrap_mask=None, workers: int = -1) -> EchoFit:
+                  mask=None, unwrap_mask=None, unwrap: str = "differences",
+                  workers: int = -1) -> EchoFit:
     """Frequency map from multi-echo phase (unwrap each echo, weighted fit over TE).
 
     Parameters
@@ -179,6 +187,10 @@ def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int 
         Voxels outside are set to zero in every output (they are still unwrapped).
     unwrap_mask : ndarray, shape (X, Y, Z), optional
         Passed to :func:`~qsm_core.unwrap.laplacian_unwrap` as the trusted region.
+    unwrap : {'differences', 'echoes'}
+        ``'differences'`` (default): unwrap the first echo, then each echo-to-echo phase
+        difference, and sum; ``'echoes'``: unwrap every echo on its own. See the module
+        docstring.
     workers : int
         FFT threads.
 
@@ -204,10 +216,19 @@ def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int 
         if m is not None and np.shape(m) != shape:
             raise InputError(f"{name} shape {np.shape(m)} does not match the image shape "
                              f"{shape}")
+    if unwrap not in ("differences", "echoes"):
+        raise InputError(f"unwrap must be 'differences' or 'echoes', got {unwrap!r}")
     unwrapped = np.empty_like(phase)
-    for e in range(n_echo):
-        unwrapped[..., e] = laplacian_unwrap(phase[..., e], voxel_size_mm=voxel_size_mm,
-                                             mask=unwrap_mask, workers=workers)
+    unwrapped[..., 0] = laplacian_unwrap(phase[..., 0], voxel_size_mm=voxel_size_mm,
+                                         mask=unwrap_mask, workers=workers)
+    for e in range(1, n_echo):
+        if unwrap == "echoes":
+            unwrapped[..., e] = laplacian_unwrap(phase[..., e], voxel_size_mm=voxel_size_mm,
+                                                 mask=unwrap_mask, workers=workers)
+        else:
+            step = np.angle(np.exp(1j * (phase[..., e] - phase[..., e - 1]))).astype(np.float32)
+            unwrapped[..., e] = unwrapped[..., e - 1] + laplacian_unwrap(
+                step, voxel_size_mm=voxel_size_mm, mask=unwrap_mask, workers=workers)
     w = mag.astype(np.float32) ** 2
     _restore_constants(unwrapped, phase, w, unwrap_mask)
     wmax = float(w.max()) if w.size else 0.0

@@ -88,6 +88,20 @@ def _phase_laplacian(phase, v, mask, formula):
     return lap
 
 
+def _bbox(mask, margin):
+    """Bounding box of ``mask`` plus ``margin``, grown to fast transform lengths."""
+    sl = []
+    for axis in range(3):
+        n_full = mask.shape[axis]
+        idx = np.nonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))[0]
+        lo = max(int(idx[0]) - margin, 0)
+        hi = min(int(idx[-1]) + 1 + margin, n_full)
+        want = min(int(scipy.fft.next_fast_len(hi - lo, real=True)), n_full)
+        lo = max(min(lo - (want - (hi - lo)) // 2, n_full - want), 0)
+        sl.append(slice(lo, lo + want))
+    return tuple(sl)
+
+
 def laplacian_unwrap(phase_rad: np.ndarray, *, voxel_size_mm, pad_voxels=0, mask=None,
                      congruent: bool = False, formula: str = "wrapped",
                      workers: int = -1) -> np.ndarray:
@@ -107,8 +121,9 @@ def laplacian_unwrap(phase_rad: np.ndarray, *, voxel_size_mm, pad_voxels=0, mask
         Where the phase is trusted (e.g. a tissue/signal mask). Phase differences touching
         a voxel outside it are dropped, so noise-only voxels cannot leak into the result;
         inside, the result then differs from the truth by a harmonic function (removed by
-        background-field removal). Default: trust every voxel, which is exact (up to a
-        constant) when all neighbour differences of the true phase are below pi.
+        background-field removal). The solve runs on the mask's bounding box (plus two
+        voxels) and the result is 0 beyond it. Default: trust every voxel, which is exact
+        (up to a constant) when all neighbour differences of the true phase are below pi.
     congruent : bool
         If True, return ``phase + 2 pi round((smooth - phase) / 2 pi)`` (congruent with the
         input, see the module docstring).
@@ -154,6 +169,11 @@ def laplacian_unwrap(phase_rad: np.ndarray, *, voxel_size_mm, pad_voxels=0, mask
     if np.any(pads < 0):
         raise InputError(f"pad_voxels must be >= 0, got {pad_voxels!r}")
     phase = phase.astype(np.float32, copy=False)
+    full_shape = phase.shape
+    box = tuple(slice(0, n) for n in full_shape)
+    if mask is not None:  # nothing outside the mask enters: solve on its bounding box
+        box = _bbox(mask, margin=2)
+        phase, mask = phase[box], mask[box]
     if np.any(pads > 0):
         phase_p = np.pad(phase, [(p, p) for p in pads], mode="edge")
         mask_p = None if mask is None else np.pad(mask, [(p, p) for p in pads], mode="edge")
@@ -166,10 +186,11 @@ def laplacian_unwrap(phase_rad: np.ndarray, *, voxel_size_mm, pad_voxels=0, mask
     eig[0, 0, 0] = 1.0
     spec /= eig
     spec[0, 0, 0] = 0.0
-    out = scipy.fft.idctn(spec, type=2, workers=workers, overwrite_x=True)
+    sol = scipy.fft.idctn(spec, type=2, workers=workers, overwrite_x=True)
     del spec
-    out = out[tuple(slice(p, p + n) for p, n in zip(pads, phase.shape))]
-    out = np.ascontiguousarray(out, dtype=np.float32)
+    sol = sol[tuple(slice(p, p + n) for p, n in zip(pads, phase.shape))]
     if congruent:
-        return (phase + 2 * np.pi * np.round((out - phase) / (2 * np.pi))).astype(np.float32)
+        sol = phase + 2 * np.pi * np.round((sol - phase) / (2 * np.pi))
+    out = np.zeros(full_shape, np.float32)
+    out[box] = sol
     return out

@@ -8,6 +8,7 @@ from qsm_core import ppm_to_hz
 from qsm_core.dipole import forward_field_ppm
 from qsm_core.errors import InputError
 from qsm_core.geometry import b0_dir_from_affine
+from qsm_core.mask import erode_ball
 from qsm_core.pipeline import STAGES, ReconResult, reconstruct
 
 TE = (7.2e-3, 13.4e-3, 19.6e-3, 25.8e-3)
@@ -21,7 +22,7 @@ def _phantom(rng, n=48, te=TE, snr=50.0, b0_world=(0.0, 0.0, 1.0), phase_sign=1)
     head = (x / 43) ** 2 + (y / 46) ** 2 + (z / 41) ** 2 < 1
     rho = (x / 30) ** 2 + (y / 34) ** 2 + (z / 28) ** 2
     brain = rho < 1
-    skull = head & (rho >= 1.08**2) & ((x / 38) ** 2 + (y / 42) ** 2 + (z / 36) ** 2 < 1)
+    skull = head & (rho >= 1.0) & ((x / 38) ** 2 + (y / 42) ** 2 + (z / 36) ** 2 < 1)
     chi = np.where(head, 0.0, 9.4).astype(np.float32)
     chi[skull] = -2.0
     chi[brain] = -0.02
@@ -80,7 +81,8 @@ def test_reconstruct_end_to_end_tkd(phantom):
         est = res.chi_ppm[nuc & fm].mean() - ref
         tru = phantom["chi"][nuc & fm].mean() - truth_ref
         assert abs(est - tru) < 0.03, (est, tru)
-    assert _nrmse(res.chi_ppm, phantom["chi"], fm & phantom["brain"]) < 0.6
+    inner = erode_ball(fm, 6.0, voxel_size_mm=(VOX,) * 3)
+    assert _nrmse(res.chi_ppm, phantom["chi"], inner) < 0.65  # TKD on the true field: ~0.3
     # provenance is JSON-serialisable and complete
     p = json.loads(json.dumps(res.parameters))
     assert p["method"] == "tkd" and p["bgremove"] == "vsharp"
@@ -117,10 +119,13 @@ def test_single_echo_and_tilted_b0(rng):
 
 def test_default_ilsqr_runs(phantom):
     res = reconstruct(phantom["mag"], phantom["phase"], TE, affine=phantom["affine"],
-                      field_strength_t=3.0, mask=phantom["brain"])
+                      field_strength_t=3.0, mask=phantom["brain"],
+                      inversion_options={"max_iter": 30})
     fm = res.mask.astype(bool)
     assert res.parameters["method"] == "ilsqr"
-    assert _nrmse(res.chi_ppm, phantom["chi"], fm) < 0.6
+    assert res.parameters["inversion_options"] == {"max_iter": 30}
+    inner = erode_ball(fm, 6.0, voxel_size_mm=(VOX,) * 3)
+    assert _nrmse(res.chi_ppm, phantom["chi"], inner) < 0.5
 
 
 @pytest.mark.parametrize("change, msg", [
