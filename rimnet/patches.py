@@ -107,7 +107,8 @@ def flair_reference(flair: np.ndarray, *, lesion_labels: np.ndarray | None = Non
     if brain_mask is not None:
         sel = np.asarray(brain_mask) > 0
     else:
-        hi = float(np.percentile(flair, 99))
+        sub = flair.ravel()[:: max(flair.size // 500_000, 1)]
+        hi = float(np.percentile(sub, 99))
         sel = flair > 0.1 * hi
     if lesion_labels is not None:
         sel &= np.asarray(lesion_labels) == 0
