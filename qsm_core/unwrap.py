@@ -9,10 +9,11 @@ fully mirror-padded volume (no wrap-around, zero-flux boundary), with the physic
 sizes in the stencil so that anisotropic voxels are exact. On the discrete 7-point
 stencil the right-hand side equals ``sum_n sin(phi_n - phi) / h_n^2`` over the six
 neighbours. By default (``formula='wrapped'``) the sine is replaced by the wrapped
-difference ``arg exp(i (phi_n - phi))``, which agrees with it to third order but makes the right-hand side the *exact* discrete
-Laplacian of the unwrapped phase wherever neighbour differences are below pi (as in
-least-squares unwrapping, Ghiglia & Romero 1994); the sine form underestimates steep
-phase gradients (by 14 % at 0.9 rad/voxel). ``formula='sincos'`` keeps the literal form.
+difference ``arg exp(i (phi_n - phi))``, which agrees with it to third order but makes
+the right-hand side the *exact* discrete Laplacian of the unwrapped phase wherever
+neighbour differences are below pi (as in least-squares unwrapping, Ghiglia & Romero
+1994); the sine form underestimates steep phase gradients (by 14 % at 0.9 rad/voxel).
+``formula='sincos'`` keeps the literal form.
 
 The result is *smooth but not congruent*: it equals the true phase plus a function that
 is harmonic (zero Laplacian) wherever the Laplacian was trusted, plus a constant. Such a
