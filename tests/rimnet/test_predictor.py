@@ -204,3 +204,28 @@ def test_resample_image_to_is_trilinear():
     src = np.diag([2.0, 2.0, 2.0, 1.0])
     out = resample_image_to(img, src, (3, 3, 3), np.eye(4))
     np.testing.assert_allclose(out[:, 0, 0], [0, 0.5, 1.0])
+
+
+def test_review_index_is_offline_sorted_and_linked(tmp_path, rng):
+    from rimnet.review import write_review_index
+
+    pred = pd.DataFrame({"participant_id": ["sub-01", "sub-01", "sub-02"],
+                         "session_id": ["n/a", "n/a", "ses-1"], "lesion_id": [1, 2, 5],
+                         "volume_mm3": [50.0, 70.0, 90.0], "cnn_prob": [0.2, 0.9, 0.5],
+                         "cnn_call": [0, 1, 1], "rule_score": [0.1, 0.6, 0.4],
+                         "rule_call": [0, 1, 0]})
+    subj = pd.DataFrame({"participant_id": ["sub-01", "sub-02"], "session_id": ["n/a", "ses-1"],
+                         "n_lesions": [2, 1], "n_prl_cnn": [1, 1], "n_prl_rule": [1, 0]})
+    png = tmp_path / "sub-02" / "ses-1" / "review" / "sub-02_ses-1_lesion-5.png"
+    png.parent.mkdir(parents=True)
+    png.write_bytes(b"\x89PNG")
+    fails = pd.DataFrame({"scan": ["sub-03"], "error_type": ["InputError"],
+                          "message": ["bad <file> & co"]})
+    html = write_review_index(tmp_path, pred, subj, fails).read_text()
+    # sorted by CNN probability: lesion 2 (0.9), then 5 (0.5), then 1 (0.2)
+    lesions = html.split("<h2>Lesions")[1]
+    order = [lesions.index(f"</td><td>{i}</td>") for i in (2, 5, 1)]
+    assert order == sorted(order)
+    assert 'src="sub-02/ses-1/review/sub-02_ses-1_lesion-5.png"' in html
+    assert "bad &lt;file&gt; &amp; co" in html
+    assert "<script" not in html and "http://" not in html and "https://" not in html
