@@ -8,11 +8,15 @@ the networks easy to export, trace and load as a MONAI bundle.
 
 Architectures (``arch``):
 
-``"resnet"`` (default)
+``"resnet"``
     :class:`monai.networks.nets.ResNet` with basic blocks ``[1, 1, 1, 1]``, a 3x3x3 stride-2
     stem and max pooling, widths ``channels`` (4 values). About 0.2 M parameters (~1 MB) at
     the default widths (8, 16, 32, 64); the stem brings a 32-voxel patch to 8^3 fast, which
     is what keeps CPU inference fast.
+``"fastresnet"`` (the training default)
+    The same ResNet with a "patchify" stem: two 2x2x2 stride-2 convolutions (MONAI
+    :class:`~monai.networks.blocks.Convolution`) replace the 3x3x3 convolution and the max
+    pooling, which dominate the CPU time of the ``resnet`` stem; about 1.8x faster.
 ``"convnet"``
     A plain stack of MONAI :class:`~monai.networks.blocks.Convolution` blocks (stride-2
     convolution + a stride-1 convolution per width), widths ``channels`` (any length).
@@ -38,9 +42,9 @@ from qsm_core.errors import InputError
 __all__ = ["ARCHS", "RimNet", "FoldEnsemble", "build_network", "build_ensemble",
            "count_parameters"]
 
-ARCHS = ("resnet", "convnet", "densenet")
-DEFAULT_WIDTHS = {"resnet": (8, 16, 32, 64), "convnet": (8, 16, 32, 64),
-                  "densenet": (8, 16, 32)}
+ARCHS = ("resnet", "fastresnet", "convnet", "densenet")
+DEFAULT_WIDTHS = {"resnet": (8, 16, 32, 64), "fastresnet": (8, 16, 32, 64),
+                  "convnet": (8, 16, 32, 64), "densenet": (8, 16, 32)}
 
 
 class RimNet(nn.Module):
@@ -102,7 +106,7 @@ def _check_widths(arch: str, channels: Sequence[int] | None) -> tuple[int, ...]:
     widths = tuple(int(c) for c in (channels or DEFAULT_WIDTHS[arch]))
     if not widths or any(c < 1 for c in widths):
         raise InputError(f"network channels must be positive integers, got {channels!r}")
-    if arch == "resnet" and len(widths) != 4:
+    if arch in ("resnet", "fastresnet") and len(widths) != 4:
         raise InputError(f"arch 'resnet' needs 4 channel widths, got {widths}")
     return widths
 
@@ -123,7 +127,7 @@ def build_network(*, spatial_dims: int = 3, in_channels: int, out_channels: int 
         Outputs of the rim head (1 for a binary rim logit).
     n_types : int
         Outputs of the optional lesion-type head (5 for the QSM lesion types; 0: none).
-    arch : {'resnet', 'convnet', 'densenet'}
+    arch : {'resnet', 'fastresnet', 'convnet', 'densenet'}
     channels : sequence of int, optional
         Feature widths (default per arch, see the module docstring).
     dropout : float
@@ -157,6 +161,16 @@ def build_network(*, spatial_dims: int = 3, in_channels: int, out_channels: int 
         trunk = ResNet("basic", [1, 1, 1, 1], list(widths), spatial_dims=spatial_dims,
                        n_input_channels=in_channels, conv1_t_size=3, conv1_t_stride=2,
                        no_max_pool=False, feed_forward=False, norm=norm)
+        n_features = widths[-1]
+    elif arch == "fastresnet":
+        trunk = ResNet("basic", [1, 1, 1, 1], list(widths), spatial_dims=spatial_dims,
+                       n_input_channels=in_channels, conv1_t_size=3, conv1_t_stride=2,
+                       no_max_pool=True, feed_forward=False, norm=norm)
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        trunk.conv1 = nn.Sequential(
+            Convolution(spatial_dims, in_channels, widths[0], strides=2, kernel_size=2,
+                        padding=0, act="relu", norm=norm),
+            conv(widths[0], widths[0], kernel_size=2, stride=2, padding=0, bias=False))
         n_features = widths[-1]
     elif arch == "convnet":
         layers: list[nn.Module] = []

@@ -84,7 +84,7 @@ class TrainConfig:
     channels: list[str] = field(default_factory=lambda: ["qsm", "flair", "lesion", "others"])
     patch_mm: float = 32.0
     patch_voxels: int = 32
-    arch: str = "resnet"
+    arch: str = "fastresnet"
     net_channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     n_types: int = 0
     type_column: str | None = None
@@ -93,9 +93,9 @@ class TrainConfig:
     norm: str = "batch"
     label_column: str = "consensus"
     n_folds: int = 5
-    epochs: int = 30
+    epochs: int = 20
     min_epochs: int = 5
-    patience: int = 8
+    patience: int = 6
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4

@@ -1,0 +1,125 @@
+"""Timing of rim-CNN training (K-fold CV) and inference on synthetic 32^3 patches.
+
+Usage (the acceptance figures: 5-fold CV on 2,000 lesions <= 15 min on 2 cores;
+inference >= 500 lesions/s on 2 cores)::
+
+    python benchmarks/bench_train.py --n 2000 --folds 5 --threads 2
+    python benchmarks/bench_train.py --inference-only --threads 2
+
+Prints one line per measurement. Patches come from tests/rimnet/synthetic_patches.py
+(spheres with or without a paramagnetic rim, veins, partial rims, noise).
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rimnet.model import RimCNN  # noqa: E402
+from rimnet.network import build_network, count_parameters  # noqa: E402
+from tests.rimnet.synthetic_patches import make_synthetic_patches  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from training.trainer import train_model  # noqa: E402
+
+
+def bench_inference(model_dir=None, *, n=2000, threads=2, folds=5, patch_voxels=32):
+    torch.set_num_threads(threads)
+    x, _ = make_synthetic_patches(256, patch_voxels=patch_voxels, seed=5)
+    x = np.concatenate([x] * int(np.ceil(n / len(x))))[:n]
+    if model_dir is None:
+        cfg = TrainConfig(patch_voxels=patch_voxels, patch_mm=float(patch_voxels))
+        nets = [build_network(in_channels=4, arch=cfg.arch, channels=cfg.net_channels).eval()
+                for _ in range(folds)]
+        model = RimCNN(nets, config=cfg.to_dict())
+    else:
+        model = RimCNN.load(model_dir)
+    print(f"network: {model.config['arch']} {model.config['net_channels']}, "
+          f"{count_parameters(model.networks[0]):,} parameters per fold, "
+          f"{len(model.networks)} folds", flush=True)
+    all_nets = model.networks
+    for k, tta in [(1, "none"), (len(all_nets), "none"), (len(all_nets), "flip"),
+                   (len(all_nets), "d4")]:
+        model.networks = all_nets[:k]
+        model.tta = tta
+        model.predict_proba(x[:64])
+        t0 = time.perf_counter()
+        model.predict_proba(x)
+        dt = time.perf_counter() - t0
+        print(f"inference: {k} fold(s), tta={tta}: {n / dt:.0f} lesions/s "
+              f"({threads} threads)", flush=True)
+    model.networks = all_nets
+
+
+def bench_cv(*, n, folds, epochs, threads, seed, out, only=None):
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    x, t = make_synthetic_patches(n, patch_voxels=32, seed=seed, prevalence=0.15,
+                                  n_patients=max(folds * 4, n // 12))
+    print(f"data: {n} synthetic lesions ({int(t.label.sum())} rims, "
+          f"{t.participant_id.nunique()} patients) in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    cfg = TrainConfig(n_folds=folds, label_column="label", threads=threads,
+                      **({"epochs": epochs} if epochs else {}))
+    t0 = time.perf_counter()
+    todo = list(range(only)) if only else None
+    train_model(x, t, config=cfg, out_dir=out, command="benchmarks/bench_train.py", folds=todo)
+    dt = time.perf_counter() - t0
+    if only:
+        logs = [(Path(out) / f"fold_{k}" / "log.jsonl").read_text().splitlines()
+                for k in range(only)]
+        last = [json.loads(lg[-1]) for lg in logs]
+        print(f"cv: {only} of {folds} folds on {n} lesions: {dt:.0f} s -> about "
+              f"{dt * folds / only / 60:.1f} min for all {folds}; epochs run "
+              f"{[len(lg) for lg in logs]}; last val ROC AUC "
+              f"{[round(h['val_roc_auc'], 3) for h in last]}, PR AUC "
+              f"{[round(h['val_pr_auc'], 3) for h in last]}", flush=True)
+        return out
+    m = json.loads((Path(out) / "metrics.json").read_text())
+    eps = m["best_epochs"]
+    n_epochs = [len((Path(out) / f"fold_{k}" / "log.jsonl").read_text().splitlines())
+                for k in range(folds)]
+    print(f"cv: {folds}-fold on {n} lesions: {dt:.0f} s ({dt / 60:.1f} min) on {threads} "
+          f"threads; epochs run {n_epochs}, best {eps}", flush=True)
+    p = m["pooled"]
+    print(f"cv: pooled out-of-fold ROC AUC {p['roc_auc']:.3f}, PR AUC {p['pr_auc']:.3f}, "
+          f"NLL {p['nll_uncalibrated']:.3f} -> {p['nll_calibrated']:.3f} after temperature, "
+          f"kappa {p['kappa']:.3f}", flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=None, help="default: TrainConfig's")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--inference-only", action="store_true")
+    ap.add_argument("--only-folds", type=int, default=None,
+                    help="train only the first K folds and extrapolate the CV time")
+    ap.add_argument("--keep", type=Path, default=None, help="keep the model dir here")
+    args = ap.parse_args()
+    if args.inference_only:
+        bench_inference(threads=args.threads, folds=args.folds)
+        return
+    out = args.keep or Path(tempfile.mkdtemp()) / "model"
+    try:
+        bench_cv(n=args.n, folds=args.folds, epochs=args.epochs, threads=args.threads,
+                 seed=args.seed, out=out, only=args.only_folds)
+        if not args.only_folds:
+            bench_inference(out, threads=args.threads)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(out.parent, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
