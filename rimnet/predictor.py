@@ -693,8 +693,19 @@ def run_batch(scans: list[ScanInputs], out_dir, *, predictor: Predictor,
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
+    prov = json.loads(json.dumps(predictor.provenance(), default=str))
+    prov_path = out_dir / "predict.json"
+    if prov_path.is_file() and not overwrite:
+        try:
+            old = json.loads(prov_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old != prov:
+            raise InputError(f"{out_dir} holds predictions made with other settings (see "
+                             f"{prov_path}); use the same model and options, --overwrite, or "
+                             "another output folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "predict.json", predictor.provenance())
+    write_json(prov_path, prov)
     done, skipped, failures = [], [], []
     bar = tqdm(scans, desc="qsmrim predict", unit="scan", file=sys.stderr,
                disable=not progress)

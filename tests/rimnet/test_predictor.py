@@ -229,3 +229,15 @@ def test_review_index_is_offline_sorted_and_linked(tmp_path, rng):
     assert 'src="sub-02/ses-1/review/sub-02_ses-1_lesion-5.png"' in html
     assert "bad &lt;file&gt; &amp; co" in html
     assert "<script" not in html and "http://" not in html and "https://" not in html
+
+
+def test_resume_refuses_other_settings(tmp_path, rng):
+    make_dataset(tmp_path, rng, n_scans=2)
+    scans = find_lesion_maps(tmp_path / "les")
+    kw = {"bids_dir": tmp_path / "bids", "qsm_dir": tmp_path / "qsm", "review": False}
+    run_batch(scans, tmp_path / "out", predictor=Predictor(None, **kw), progress=False)
+    other = Predictor(None, min_long_axis_mm=5.0, **kw)
+    with pytest.raises(InputError, match="other settings"):
+        run_batch(scans, tmp_path / "out", predictor=other, progress=False)
+    s = run_batch(scans, tmp_path / "out", predictor=other, overwrite=True, progress=False)
+    assert len(s["done"]) == 2
