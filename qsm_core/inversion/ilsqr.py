@@ -259,11 +259,11 @@ class _ConeGradientOp(LinearOperator):
         self.k_fwd = bk.kernel(scale_full[cone] * pc[cone])
         self.k_adj = bk.kernel(pc[cone] / scale_full[cone])
         box = (slice(None),) + grid.box
-        self.weight = bk.asarray(gweights[box])
-        self.neg_weight = bk.asarray(-gweights[box])
+        self.neg_weight_sq = bk.asarray(-np.square(gweights[box]))
+        self._weighted_of = None
         self.pad = bk.zeros(grid.shape)
         self.spec_full = bk.zeros_complex(cone.shape)
-        self.tmp = bk.empty_like(self.weight)
+        self.tmp = bk.empty_like(self.neg_weight_sq)
         self.spec = None
         self.spare = None
 
@@ -280,26 +280,49 @@ class _ConeGradientOp(LinearOperator):
         return self.fft.irfftn(full, self.shape, overwrite=False)
 
     def grad(self, img, out):
-        """Weighted forward differences of a padded image into ``out`` (3, *box)."""
+        """Forward differences (unweighted) of a padded image into ``out`` (3, *box)."""
         bk = self.backend
         for ax in range(3):
             bk.sub(img[self.shifted[ax]], img[self.box], out=out[ax])
-        return bk.mul(out, self.weight, out=out)
+        return out
 
+    # Data-space vectors are stored unweighted (u_hat, with u = W_g u_hat): the update
+    # A v - c u becomes grad(img) - c u_hat (no multiply), and the single multiply
+    # -W_g^2 u_hat made for the norm is reused by the adjoint.
     def matvec(self, v):
-        return self.grad(self.image(v), self.backend.empty_like(self.weight))
+        return self.grad(self.image(v), self.backend.empty_like(self.neg_weight_sq))
 
     def matvec_update(self, v, u, alpha):
         bk = self.backend
         new = self.spare if self.spare is not None else bk.empty_like(u)
+        self._weighted_of = None
         self.grad(self.image(v), new)
         bk.axpy(-alpha, u, new)
         self.spare = u
         return new
 
+    def _weighted(self, u):
+        """``-W_g^2 u_hat`` (cached for the vector last normed)."""
+        if self._weighted_of is not u:
+            self.backend.mul(u, self.neg_weight_sq, out=self.tmp)
+            self._weighted_of = u
+        return self.tmp
+
+    def unorm(self, u):
+        return float(np.sqrt(max(-self.backend.dot(u, self._weighted(u)), 0.0)))
+
+    def udot(self, a, b):
+        return -self.backend.dot(a, self._weighted(b))
+
+    def uscale(self, alpha, u):
+        self.backend.scal(alpha, u)
+        if self._weighted_of is u:
+            self.backend.scal(alpha, self.tmp)
+        return u
+
     def rmatvec(self, u):
         bk = self.backend
-        t = bk.mul(u, self.neg_weight, out=self.tmp)  # -W_g u
+        t = self._weighted(u)  # -W_g^2 u_hat = -W_g u
         # grad^T y = sum_j (y shifted by +1 along j) - y ; pad is zero outside box
         # and the faces beyond it (weights vanish on the box's last planes).
         inner = self.pad[self.box]
@@ -461,7 +484,7 @@ def ilsqr(local_field_ppm, mask, *, voxel_size_mm, b0_dir, tol_lsqr: float = 0.0
         t0 = time.perf_counter()
         cone = np.abs(d) < CONE_THRESHOLD
         op3 = _ConeGradientOp(bk, grid, cone, scale, w_grad, precondition=precondition)
-        b3 = op3.grad(chi_lsqr, bk.empty_like(op3.weight))
+        b3 = op3.grad(chi_lsqr, bk.empty_like(op3.neg_weight_sq))
         res3 = lsqr(op3, b3, atol=tol_streak, btol=tol_streak, max_iter=max_iter_streak,
                     progress=progress, label="streak")
         chi_streak = op3.image(res3.x)

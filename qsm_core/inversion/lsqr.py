@@ -41,6 +41,18 @@ class LinearOperator:
         """``A^T u`` (a new array)."""
         raise NotImplementedError
 
+    def unorm(self, u) -> float:
+        """Norm of a data-space vector (operators may store data vectors transformed)."""
+        return self.backend.nrm2(u)
+
+    def udot(self, a, b) -> float:
+        """Inner product of two data-space vectors (consistent with :meth:`unorm`)."""
+        return self.backend.dot(a, b)
+
+    def uscale(self, alpha: float, u):
+        """Scale a data-space vector in place."""
+        return self.backend.scal(alpha, u)
+
     def matvec_update(self, v, u, alpha: float):
         """``A v - alpha u``; ``u`` may be overwritten."""
         out = self.matvec(v)
@@ -111,7 +123,7 @@ def lsqr(op: LinearOperator, b, *, atol: float = 1e-2, btol: float = 1e-2,
     # folded into the fused operator updates, saving one pass over u and one over v
     # per iteration. Raw vectors are renormalised when a scale drifts far from 1.
     u = b
-    beta = bk.nrm2(u)
+    beta = op.unorm(u)
     bnorm = beta
     if beta == 0.0:
         x = bk.scal(0.0, op.rmatvec(u))
@@ -135,14 +147,14 @@ def lsqr(op: LinearOperator, b, *, atol: float = 1e-2, btol: float = 1e-2,
         itn += 1
         # Golub-Kahan step: beta u' = A v - alpha u ; alpha v' = A^T u' - beta v.
         u = op.matvec_update(v, u, alpha * su / sv)  # = (A v - alpha u) / sv
-        beta = sv * bk.nrm2(u)
+        beta = sv * op.unorm(u)
         anorm_sq += alpha * alpha + beta * beta
         if beta == 0.0:
             stop = "residual"
             break
         su = sv / beta
         if not 1e-4 < su < 1e4:  # keep raw magnitudes (and their squares) in float32 range
-            bk.scal(su, u)
+            op.uscale(su, u)
             su = 1.0
         v = op.rmatvec_update(u, v, beta * sv / su)  # = (A^T u' - beta v) / su
         alpha = su * bk.nrm2(v)
