@@ -271,3 +271,13 @@ def test_progress_callback(small_case):
           progress=lambda *a: calls.append(a))
     assert [c[0] for c in calls] == ["lsqr"] * 3 + ["streak"] * 3
     assert all(c[2] == 3 for c in calls)
+
+
+def test_progress_bars_and_info(small_case):
+    f, mask = small_case
+    chi, info = ilsqr(f, mask, voxel_size_mm=VOX, b0_dir=B0, max_iter=4, max_iter_streak=2,
+                      progress=True, return_info=True)
+    assert info.n_iter == {"lsqr": 4, "streak": 2}
+    assert len(info.iter_times_s["lsqr"]) == 4 and info.fft_times_s["streak"] > 0
+    assert set(info.step_times_s) == {"prepare", "lsqr", "fast", "streak", "finish"}
+    assert info.chi_lsqr_ppm is None  # only kept on request
