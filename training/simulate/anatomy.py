@@ -129,7 +129,7 @@ CAVITIES: list[tuple[tuple[float, float, float], tuple[float, float, float]]] = 
 CSF_LAYER_MM = 2.0
 SKULL_MM = 6.5
 SCALP_MM = 5.5
-AIR_MARGIN_MM = 8.0
+AIR_MARGIN_MM = 6.0
 
 
 @dataclass
