@@ -31,7 +31,6 @@ import logging
 
 import numpy as np
 import scipy.fft
-from scipy import ndimage
 
 from qsm_core.dipole import _check_b0, _check_voxel_size, dipole_kernel
 from qsm_core.errors import InputError
@@ -81,14 +80,19 @@ def default_radii_mm(voxel_size_mm, *, max_radius_mm: float = 12.0) -> tuple[flo
     return tuple(x for x in radii if x >= vmax - 1e-9)
 
 
-def smv_kernel_spectrum(shape, radius_mm: float, *, voxel_size_mm, workers: int = -1):
-    """``rfftn`` of the normalised ball of ``radius_mm`` centred at the origin (periodic)."""
+def smv_kernel_spectrum(shape, radius_mm: float, *, voxel_size_mm, workers: int = -1,
+                        return_count: bool = False):
+    """``rfftn`` of the normalised ball of ``radius_mm`` centred at the origin (periodic).
+
+    With ``return_count`` also return the number of voxels in the ball.
+    """
     ball = ball_structure(radius_mm, voxel_size_mm=voxel_size_mm)
     k = np.zeros(shape, np.float32)
     half = [b // 2 for b in ball.shape]
     idx = np.nonzero(ball)
     k[tuple((i - h) % n for i, h, n in zip(idx, half, shape))] = 1.0 / idx[0].size
-    return scipy.fft.rfftn(k, workers=workers).real.astype(np.float32)
+    spec = scipy.fft.rfftn(k, workers=workers).real.astype(np.float32)
+    return (spec, int(idx[0].size)) if return_count else spec
 
 
 def _bbox(mask, margin):
@@ -157,19 +161,26 @@ def vsharp(total_field_hz, mask, *, voxel_size_mm, radii_mm=None,
     mpad[inner] = mc
     fpad = np.zeros(shape, np.float32)
     fpad[inner] = field[sl] * mc
-    dist = ndimage.distance_transform_edt(mpad, sampling=v)
-    # which radius each voxel uses: the largest whose ball fits inside the mask
+    # which radius each voxel uses: the largest whose ball fits inside the mask, i.e.
+    # where the ball's convolution with the mask is the full ball (FFT, like the field)
+    mspec = scipy.fft.rfftn(mpad.astype(np.float32), workers=workers)
     which = np.full(shape, -1, np.int8)
-    for i, r in reversed(list(enumerate(radii))):
-        which[dist > r + 1e-6] = i
-    del dist
+    highpass = {}
+    for i, r in enumerate(radii):
+        s_r, n_ball = smv_kernel_spectrum(shape, r, voxel_size_mm=v, workers=workers,
+                                          return_count=True)
+        inside = scipy.fft.irfftn(mspec * s_r, s=shape, workers=workers)
+        fits = (inside > 1.0 - 0.5 / n_ball) & (which < 0) & mpad
+        del inside
+        if i == 0 or fits.any():
+            highpass[i] = 1.0 - s_r
+        which[fits] = i
+    del mspec
     assigned = which >= 0
     if not assigned.any():
         raise InputError(f"the brain mask is thinner than the smallest V-SHARP radius "
                          f"({radii[-1]} mm); pass a larger mask or smaller radii_mm")
-    used = [i for i in range(len(radii)) if np.any(which == i)]
-    highpass = {i: 1.0 - smv_kernel_spectrum(shape, radii[i], voxel_size_mm=v, workers=workers)
-                for i in sorted(set(used) | {0})}
+    used = [i for i in highpass if np.any(which == i)]
 
     def composite(x_spec):
         out = np.zeros(shape, np.float32)

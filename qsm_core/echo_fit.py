@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qsm_core.errors import InputError
-from qsm_core.unwrap import laplacian_unwrap
+from qsm_core.unwrap import _wrap, laplacian_unwrap
 
 __all__ = ["EchoFit", "fit_frequency", "check_echo_inputs"]
 
@@ -148,22 +148,29 @@ def background_noise_std(magnitude: np.ndarray, *, fraction: float = 0.1) -> flo
     return sigma
 
 
-def _restore_constants(unwrapped, phase, w, region):
+def _restore_constants(unwrapped, phase, mag, region, max_voxels: int = 200_000):
     """Add back each echo's spatial-mean phase, which the Poisson solve drops.
 
-    The offset of echo e is the weighted circular mean of ``wrapped - unwrapped`` (so the
-    result is congruent on average); the offsets are then unwrapped along TE, assuming the
-    mean phase moves by less than pi between consecutive echoes. Spatial constants are
+    The offset of echo e is the ``m^2``-weighted circular mean of ``wrapped - unwrapped``
+    over ``region`` (at most ``max_voxels`` evenly spaced voxels), so the result is
+    congruent on average; the offsets are then unwrapped along TE, assuming the mean
+    phase moves by less than pi between consecutive echoes. Spatial constants are
     harmonic, so this only makes ``phi0`` and ``f`` readable; background removal would
     take them away anyway.
     """
-    sel = np.ones(phase.shape[:3], bool) if region is None else np.asarray(region, bool)
-    offsets = np.empty(phase.shape[3])
-    for e in range(phase.shape[3]):
-        z = np.exp(1j * (phase[..., e][sel] - unwrapped[..., e][sel]).astype(np.float64))
-        offsets[e] = np.angle(np.sum(w[..., e][sel] * z))
-    offsets = np.unwrap(offsets)
-    for e in range(phase.shape[3]):
+    n_echo = phase.shape[3]
+    if region is None:
+        idx = np.arange(int(np.prod(phase.shape[:3])))
+    else:
+        idx = np.flatnonzero(np.asarray(region, bool))
+    if idx.size == 0:
+        return
+    idx = idx[:: max(1, idx.size // max_voxels)]
+    p = phase.reshape(-1, n_echo)[idx].astype(np.float64)
+    u = unwrapped.reshape(-1, n_echo)[idx].astype(np.float64)
+    w = mag.reshape(-1, n_echo)[idx].astype(np.float64) ** 2
+    offsets = np.unwrap(np.angle(np.sum(w * np.exp(1j * (p - u)), axis=0)))
+    for e in range(n_echo):
         unwrapped[..., e] += np.float32(offsets[e])
 
 
@@ -226,48 +233,53 @@ def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int 
             unwrapped[..., e] = laplacian_unwrap(phase[..., e], voxel_size_mm=voxel_size_mm,
                                                  mask=unwrap_mask, workers=workers)
         else:
-            step = np.angle(np.exp(1j * (phase[..., e] - phase[..., e - 1]))).astype(np.float32)
+            step = _wrap(phase[..., e] - phase[..., e - 1])
             unwrapped[..., e] = unwrapped[..., e - 1] + laplacian_unwrap(
                 step, voxel_size_mm=voxel_size_mm, mask=unwrap_mask, workers=workers)
-    w = mag.astype(np.float32) ** 2
-    _restore_constants(unwrapped, phase, w, unwrap_mask)
+    _restore_constants(unwrapped, phase, mag, unwrap_mask if mask is None else mask)
+    # the fit is per voxel: do it on the voxels that are kept only
+    sel = (np.ones(shape, bool) if mask is None else np.asarray(mask).astype(bool)).ravel()
+    u = unwrapped.reshape(-1, n_echo)[sel]
+    w = mag.reshape(-1, n_echo)[sel] ** 2
     wmax = float(w.max()) if w.size else 0.0
     w += np.float32(max(wmax, 1e-30) * 1e-12)  # no all-zero weight voxels
     two_pi = 2.0 * np.pi
     if n_echo == 1:
-        freq = unwrapped[..., 0] / np.float32(two_pi * te[0])
-        phi0 = np.zeros(shape, np.float32)
+        slope = u[:, 0] / np.float32(te[0])
+        phi0 = np.zeros(slope.shape, np.float32)
         sigma = background_noise_std(mag[..., 0])
-        var_f = (sigma**2 / w[..., 0]) / (two_pi * te[0]) ** 2
+        var_f = (sigma**2 / w[:, 0]) / (two_pi * te[0]) ** 2
         method = "background"
     else:
         t = te.astype(np.float32)
-        sw = w.sum(axis=3)
-        st = (w * t).sum(axis=3)
-        stt = (w * t * t).sum(axis=3)
-        sp = (w * unwrapped).sum(axis=3)
-        stp = (w * unwrapped * t).sum(axis=3)
-        det = sw * stt - st * st
-        det = np.maximum(det, np.float32(1e-30))
+        sw = w.sum(axis=1)
+        wt = w * t
+        st = wt.sum(axis=1)
+        stt = (wt * t).sum(axis=1)
+        sp = (w * u).sum(axis=1)
+        stp = (wt * u).sum(axis=1)
+        del wt
+        det = np.maximum(sw * stt - st * st, np.float32(1e-30))
         slope = (sw * stp - st * sp) / det
         phi0 = (sp - slope * st) / sw
-        freq = slope / np.float32(two_pi)
         if n_echo > 2:
-            resid = unwrapped - phi0[..., None] - slope[..., None] * t
-            sigma2 = (w * resid * resid).sum(axis=3) / np.float32(n_echo - 2)
+            resid = u - phi0[:, None] - slope[:, None] * t
+            sigma2 = (w * resid * resid).sum(axis=1) / np.float32(n_echo - 2)
+            del resid
             method = "residual"
         else:
             sigma2 = np.float32(background_noise_std(mag[..., 0]) ** 2)
             method = "background"
         var_f = sigma2 * sw / det / np.float32(two_pi**2)
-    freq = (phase_sign * freq).astype(np.float32)
-    noise = np.sqrt(np.asarray(var_f, dtype=np.float32))
-    phi0 = phi0.astype(np.float32)
-    if mask is not None:
-        m = np.asarray(mask).astype(bool)
-        freq = freq * m
-        phi0 = phi0 * m
-        noise = noise * m
+
+    def scatter(values):
+        out = np.zeros(shape, np.float32)
+        out.reshape(-1)[sel] = values
+        return out
+
+    freq = scatter(phase_sign * slope / np.float32(two_pi))
+    phi0 = scatter(phi0)
+    noise = scatter(np.sqrt(np.asarray(var_f, dtype=np.float32)))
     log.info("echo fit: %d echo(es), noise estimate from %s", n_echo, method)
-    return EchoFit(frequency_hz=freq, phase_offset_rad=phi0, noise_std_hz=noise.astype(np.float32),
+    return EchoFit(frequency_hz=freq, phase_offset_rad=phi0, noise_std_hz=noise,
                    unwrapped_phase_rad=unwrapped, noise_method=method)

@@ -79,18 +79,29 @@ def ball_structure(radius_mm: float, *, voxel_size_mm) -> np.ndarray:
 _EDT_RADIUS_VOXELS = 3.5
 
 
+def _on_bbox(fn, mask, margin_voxels):
+    """Apply a morphological ``fn`` on the mask's bounding box (+ margin) only."""
+    if not mask.any():
+        return fn(mask)
+    sl = []
+    for axis in range(3):
+        idx = np.nonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))[0]
+        sl.append(slice(max(int(idx[0]) - margin_voxels[axis], 0),
+                        min(int(idx[-1]) + 1 + margin_voxels[axis], mask.shape[axis])))
+    sl = tuple(sl)
+    out = np.zeros(mask.shape, bool)
+    out[sl] = fn(mask[sl])
+    return out
+
+
 def erode_ball(mask: np.ndarray, radius_mm: float, *, voxel_size_mm) -> np.ndarray:
     """Erosion by a ball of ``radius_mm`` (the volume edge counts as outside)."""
     mask = np.asarray(mask, bool)
     if radius_mm <= 0:
         return mask.copy()
     v = _check_voxel_size(voxel_size_mm)
-    if radius_mm / v.min() <= _EDT_RADIUS_VOXELS:
-        return ndimage.binary_erosion(mask, ball_structure(radius_mm, voxel_size_mm=v),
-                                      border_value=0)
-    padded = np.pad(mask, 1)
-    dist = ndimage.distance_transform_edt(padded, sampling=v)[1:-1, 1:-1, 1:-1]
-    return dist > radius_mm + 1e-9
+    margin = [1] * 3
+    return _on_bbox(lambda m: _erode_ball(m, radius_mm, v), mask, margin)
 
 
 def dilate_ball(mask: np.ndarray, radius_mm: float, *, voxel_size_mm) -> np.ndarray:
@@ -99,6 +110,20 @@ def dilate_ball(mask: np.ndarray, radius_mm: float, *, voxel_size_mm) -> np.ndar
     if radius_mm <= 0:
         return mask.copy()
     v = _check_voxel_size(voxel_size_mm)
+    margin = [int(np.ceil(radius_mm / s)) + 1 for s in v]
+    return _on_bbox(lambda m: _dilate_ball(m, radius_mm, v), mask, margin)
+
+
+def _erode_ball(mask, radius_mm, v):
+    if radius_mm / v.min() <= _EDT_RADIUS_VOXELS:
+        return ndimage.binary_erosion(mask, ball_structure(radius_mm, voxel_size_mm=v),
+                                      border_value=0)
+    padded = np.pad(mask, 1)
+    dist = ndimage.distance_transform_edt(padded, sampling=v)[1:-1, 1:-1, 1:-1]
+    return dist > radius_mm + 1e-9
+
+
+def _dilate_ball(mask, radius_mm, v):
     if radius_mm / v.min() <= _EDT_RADIUS_VOXELS:
         return ndimage.binary_dilation(mask, ball_structure(radius_mm, voxel_size_mm=v))
     dist = ndimage.distance_transform_edt(~mask, sampling=v)
@@ -156,11 +181,11 @@ def brain_mask(magnitude, *, voxel_size_mm, threshold=None, smooth_mm: float = 1
             raise InputError(f"threshold must be a fraction in (0, 1), got {threshold!r}")
         thr = float(threshold) * top
     m = largest_component(comb > thr)
-    m = ndimage.binary_fill_holes(m)
+    m = _on_bbox(ndimage.binary_fill_holes, m, [1, 1, 1])
     if open_mm > 0:
         m = dilate_ball(erode_ball(m, open_mm, voxel_size_mm=v), open_mm, voxel_size_mm=v) & m
         m = largest_component(m)
-        m = ndimage.binary_fill_holes(m)
+        m = _on_bbox(ndimage.binary_fill_holes, m, [1, 1, 1])
     if erode_mm > 0:
         m = erode_ball(m, erode_mm, voxel_size_mm=v)
     if not m.any():

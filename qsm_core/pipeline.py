@@ -44,6 +44,11 @@ SWI_TARGET_TE_S = 0.020
 """SWI uses the echo whose TE is nearest this (s); ~20 ms is customary at 3 T."""
 
 DEFAULT_BGREMOVE_OPTIONS: dict = {"vsharp": {}, "pdf": {}}
+
+DEFAULT_MASK_OPTIONS: dict = {"erode_mm": 2.0}
+"""Options of the computed brain mask: a 2 mm erosion drops the skull, cavity and sinus
+voxels that a magnitude threshold keeps at the brain's edge (on the MNI head phantom a few
+hundred such voxels tripled the NRMSE). A user mask is used as given."""
 """Options used unless the caller passes ``bgremove_options`` (see docs/pipeline.md)."""
 
 
@@ -140,8 +145,8 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
     progress : callable, optional
         Called with each stage name of :data:`STAGES` as it starts.
     mask_options, bgremove_options, inversion_options : dict, optional
-        Extra keyword options of :func:`~qsm_core.mask.brain_mask`, the background method
-        and the inversion method.
+        Extra keyword options of :func:`~qsm_core.mask.brain_mask` (default
+        :data:`DEFAULT_MASK_OPTIONS`), the background method and the inversion method.
     unwrap_dilate_mm : float
         The phase is unwrapped on the brain mask dilated by this much (mm), so that noise
         outside the head cannot leak into the field (see :mod:`qsm_core.unwrap`). A
@@ -173,7 +178,7 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
                          f"{sorted(BGREMOVE_METHODS)}")
     if phase_sign not in (1, -1):
         raise InputError(f"phase_sign must be +1 or -1, got {phase_sign!r}")
-    mask_options = dict(mask_options or {})
+    mask_options = {**DEFAULT_MASK_OPTIONS, **(mask_options or {})}
     bg_opts = dict(DEFAULT_BGREMOVE_OPTIONS.get(bgremove, {}))
     bg_opts.update(bgremove_options or {})
     inv_opts = dict(inversion_options or {})
@@ -207,7 +212,7 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
     if unwrap_dilate_mm >= 0:
         unwrap_mask = dilate_ball(bmask.astype(bool), unwrap_dilate_mm, voxel_size_mm=vox)
     fit = fit_frequency(phase, mag, te, voxel_size_mm=vox, phase_sign=phase_sign,
-                        unwrap_mask=unwrap_mask)
+                        mask=bmask, unwrap_mask=unwrap_mask)
     total_hz = (fit.frequency_hz * bmask).astype(np.float32)
     del fit.unwrapped_phase_rad
     timings["unwrap_fit"] = time.perf_counter() - t0

@@ -54,10 +54,9 @@ def laplacian_eigenvalues(shape, *, voxel_size_mm, dtype=np.float32) -> np.ndarr
 
 
 def _wrap(a: np.ndarray) -> np.ndarray:
-    """Wrap to [-pi, pi)."""
-    a += np.float32(np.pi)
-    np.mod(a, np.float32(2 * np.pi), out=a)
-    a -= np.float32(np.pi)
+    """Wrap to [-pi, pi] (in place for float32 arrays)."""
+    a = np.asarray(a, np.float32)
+    a -= np.float32(2 * np.pi) * np.rint(a * np.float32(1 / (2 * np.pi)))
     return a
 
 

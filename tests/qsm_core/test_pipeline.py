@@ -8,6 +8,7 @@ from qsm_core import ppm_to_hz
 from qsm_core.dipole import forward_field_ppm
 from qsm_core.errors import InputError
 from qsm_core.geometry import b0_dir_from_affine
+from qsm_core.inversion import tkd
 from qsm_core.mask import erode_ball
 from qsm_core.pipeline import STAGES, ReconResult, reconstruct
 
@@ -74,13 +75,18 @@ def test_reconstruct_end_to_end_tkd(phantom):
     b = res.brain_mask.astype(bool)
     dice = 2 * (b & phantom["brain"]).sum() / (b.sum() + phantom["brain"].sum())
     assert dice > 0.9
-    # nuclei contrast recovered (relative to the mean in the final mask)
-    ref = res.chi_ppm[fm].mean()
-    truth_ref = phantom["chi"][fm].mean()
+    # nuclei means (relative to the mean in the final mask) within 0.02 ppm of what TKD
+    # gives on the isolated-dipole (true local) field of the same phantom
+    brain = phantom["brain"]
+    chi_in = np.where(brain, phantom["chi"] - phantom["chi"][brain].mean(), 0)
+    local = forward_field_ppm(chi_in.astype(np.float32), voxel_size_mm=(VOX,) * 3,
+                              b0_dir=(0, 0, 1))
+    iso = tkd(local * brain, brain, voxel_size_mm=(VOX,) * 3, b0_dir=(0, 0, 1))
     for nuc in phantom["nuc"]:
-        est = res.chi_ppm[nuc & fm].mean() - ref
-        tru = phantom["chi"][nuc & fm].mean() - truth_ref
-        assert abs(est - tru) < 0.03, (est, tru)
+        est = res.chi_ppm[nuc & fm].mean() - res.chi_ppm[fm].mean()
+        tru = phantom["chi"][nuc & fm].mean() - phantom["chi"][fm].mean()
+        ref = iso[nuc & fm].mean() - iso[fm].mean()
+        assert abs(est - tru) < abs(ref - tru) + 0.02, (est, ref, tru)
     inner = erode_ball(fm, 6.0, voxel_size_mm=(VOX,) * 3)
     assert _nrmse(res.chi_ppm, phantom["chi"], inner) < 0.65  # TKD on the true field: ~0.3
     # provenance is JSON-serialisable and complete
