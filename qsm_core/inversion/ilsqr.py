@@ -186,23 +186,75 @@ class _Timed:
 
 
 class _WeightedDipoleOp(LinearOperator):
-    """``v (scaled half spectrum) -> W * F^-1(D v)`` on the bounding box (step 1)."""
+    """``v -> W * F^-1(D v)`` on the bounding box (step 1), unknown in k-space.
+
+    The unknown is the isometrically scaled half spectrum ``v = (D / s) v_hat`` with
+    ``s = sqrt(N / w)`` (:func:`hermitian_scale`); vectors are stored as ``v_hat`` so the
+    adjoint ``A^T u = (D / s) F(W u)`` needs no multiply (``v_hat = F(W u)``), and the
+    product ``D^2 v_hat`` that the next forward FFT needs also gives the norm
+    ``||v||^2 = sum (w / N) Re(conj(v_hat) D^2 v_hat)``.
+    """
 
     def __init__(self, bk, grid: Grid, d: np.ndarray, scale: np.ndarray, weight: np.ndarray):
         self.backend = bk
         self.fft = _Timed(bk)
         self.shape, self.box = grid.shape, grid.box
-        self.k_fwd = bk.kernel(d * scale)
+        self.n = float(np.prod(grid.shape))
+        self.even = grid.shape[2] % 2 == 0
+        self.d = d
+        self.k_sq = bk.kernel(d * d)
         self.k_adj = bk.kernel(d / scale)
+        self.zero_idx = bk.index(np.flatnonzero(d == 0))
         self.weight = bk.asarray(weight[grid.box])
         self.pad = bk.zeros(grid.shape)
         self.spec = None
+        self._spec_of = None
         self.spare = None
 
+    def _spec(self, v):
+        """``D^2 v_hat`` (cached for the vector last normed)."""
+        if self._spec_of is not v:
+            if self.spec is None:
+                self.spec = self.backend.empty_like(v)
+            self.backend.mul_spec(v, self.k_sq, out=self.spec)
+            self._spec_of = v
+        return self.spec
+
     def _image(self, v):
-        if self.spec is None:
-            self.spec = self.backend.empty_like(v)
-        spec = self.backend.mul_spec(v, self.k_fwd, out=self.spec)
+        spec = self._spec(v)
+        self._spec_of = None  # the inverse FFT overwrites it
+        return self.fft.irfftn(spec, self.shape)
+
+    def _weighted_dot(self, a, b_sq) -> float:
+        bk = self.backend
+        total = 2.0 * bk.dot(a, b_sq)
+        total -= bk.dot(bk.copy(a[:, :, 0]), bk.copy(b_sq[:, :, 0]))
+        if self.even:
+            total -= bk.dot(bk.copy(a[:, :, -1]), bk.copy(b_sq[:, :, -1]))
+        return total / self.n
+
+    def vnorm(self, v):
+        return float(np.sqrt(max(self._weighted_dot(v, self._spec(v)), 0.0)))
+
+    def vdot(self, a, b):
+        return self._weighted_dot(a, self.backend.mul_spec(b, self.k_sq))
+
+    def vscale(self, alpha, v):
+        self.backend.scal(alpha, v)
+        if self._spec_of is v:
+            self.backend.scal(alpha, self.spec)
+        return v
+
+    def to_vhat(self, v_scaled):
+        """``v_hat`` of a scaled spectrum (tests; entries with D = 0 are lost)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            k = np.where(self.d != 0, 1.0 / np.where(self.d != 0, self.d, 1.0), 0.0)
+        scale_k = self.backend.kernel(k * hermitian_scale(self.shape))
+        return self.backend.mul_spec(v_scaled, scale_k)
+
+    def solution_image(self, x):
+        """``chi = F^-1(D x_hat)`` on the padded grid."""
+        spec = self.backend.mul_spec(x, self.backend.kernel(self.d), out=x)
         return self.fft.irfftn(spec, self.shape)
 
     def matvec(self, v):
@@ -221,7 +273,8 @@ class _WeightedDipoleOp(LinearOperator):
         bk = self.backend
         bk.mul(u, self.weight, out=self.pad[self.box])
         spec = self.fft.rfftn(self.pad)
-        return bk.mul_spec(spec, self.k_adj, out=spec)
+        # Entries with D = 0 do not enter A; keep them at zero so they cannot grow.
+        return bk.scatter(spec, self.zero_idx, 0)
 
     def rmatvec_update(self, u, v, beta):
         return self.backend.axpy(-beta, v, self.rmatvec(u))
@@ -465,8 +518,7 @@ def ilsqr(local_field_ppm, mask, *, voxel_size_mm, b0_dir, tol_lsqr: float = 0.0
         res1 = lsqr(op1, b1, atol=tol_lsqr, btol=tol_lsqr, max_iter=int(max_iter),
                     progress=progress, label="lsqr")
         info.fft_times_s["lsqr"] = op1.fft.fft_s
-        spec_scale = bk.kernel(np.broadcast_to(scale, d.shape))
-        chi_lsqr = bk.irfftn(bk.mul_spec(res1.x, spec_scale, out=res1.x), grid.shape)
+        chi_lsqr = op1.solution_image(res1.x)
         del op1, b1, res1.x
         info.n_iter["lsqr"], info.stop["lsqr"] = res1.n_iter, res1.stop
         info.iter_times_s["lsqr"] = res1.times_s

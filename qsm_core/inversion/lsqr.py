@@ -53,6 +53,18 @@ class LinearOperator:
         """Scale a data-space vector in place."""
         return self.backend.scal(alpha, u)
 
+    def vnorm(self, v) -> float:
+        """Norm of a solution-space vector."""
+        return self.backend.nrm2(v)
+
+    def vdot(self, a, b) -> float:
+        """Inner product of two solution-space vectors (consistent with :meth:`vnorm`)."""
+        return self.backend.dot(a, b)
+
+    def vscale(self, alpha: float, v):
+        """Scale a solution-space vector in place."""
+        return self.backend.scal(alpha, v)
+
     def matvec_update(self, v, u, alpha: float):
         """``A v - alpha u``; ``u`` may be overwritten."""
         out = self.matvec(v)
@@ -130,7 +142,7 @@ def lsqr(op: LinearOperator, b, *, atol: float = 1e-2, btol: float = 1e-2,
         return LSQRResult(x, 0, "zero_rhs", 0.0, 0.0, 0.0)
     su = 1.0 / beta
     v = op.rmatvec(u)
-    alpha = su * bk.nrm2(v)
+    alpha = su * op.vnorm(v)
     if alpha == 0.0:
         return LSQRResult(bk.scal(0.0, v), 0, "zero_rhs", beta, 0.0, 0.0)
     sv = su / alpha
@@ -157,11 +169,11 @@ def lsqr(op: LinearOperator, b, *, atol: float = 1e-2, btol: float = 1e-2,
             op.uscale(su, u)
             su = 1.0
         v = op.rmatvec_update(u, v, beta * sv / su)  # = (A^T u' - beta v) / su
-        alpha = su * bk.nrm2(v)
+        alpha = su * op.vnorm(v)
         if alpha > 0.0:
             sv = su / alpha
             if not 1e-4 < sv < 1e4:
-                bk.scal(sv, v)
+                op.vscale(sv, v)
                 sv = 1.0
         # Plane rotation eliminating the sub-diagonal beta.
         rho = math.hypot(rhobar, beta)

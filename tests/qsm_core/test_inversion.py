@@ -174,10 +174,12 @@ def test_operators_are_adjoint(device, small_case, rng):
                        / scale)
         if isinstance(op, _ConeGradientOp):
             v = op.compress(v)
+        else:
+            v = op.to_vhat(v)
         av = op.matvec(v)
         u = bk.asarray(rng.normal(size=tuple(av.shape)).astype(np.float32))
         atu = op.rmatvec(u)
-        lhs, rhs = op.udot(av, u), bk.dot(v, atu)
+        lhs, rhs = op.udot(av, u), op.vdot(v, atu)
         assert lhs == pytest.approx(rhs, rel=1e-4)
 
 
