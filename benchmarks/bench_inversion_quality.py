@@ -116,6 +116,7 @@ def main(argv=None):
           f"(field std {field[mask].std():.4f} ppm); built in {time.perf_counter() - t0:.1f} s")
     kw = dict(voxel_size_mm=vox, b0_dir=b0)
     runs = {"tkd": lambda: tkd(field, mask, **kw),
+            "tkd(0.10)": lambda: tkd(field, mask, threshold=0.10, **kw),
             "tikhonov": lambda: tikhonov(field, mask, **kw),
             "ilsqr": lambda: ilsqr(field, mask, return_info=True, keep_intermediate=True, **kw)}
     res = {}
@@ -132,7 +133,7 @@ def main(argv=None):
             print(f"  iterations {info.n_iter}, stops {info.stop}")
         res[name] = r = metrics(out, chi, mask, regions)
         nuc = max(abs(v) for v in r["nuclei_err_ppm"].values())
-        print(f"{name:9s} NRMSE {r['nrmse']:.3f}  streak(source) {r['streak_source']:.4f}  "
+        print(f"{name:10s} NRMSE {r['nrmse']:.3f}  streak(source) {r['streak_source']:.4f}  "
               f"streak(veins) {r['streak_veins']:.4f}  max |nucleus error| {nuc:.4f} ppm  "
               f"rim contrast kept {r['rim_contrast_kept']:.2f}  ({dt:.1f} s)")
     il, tk = res["ilsqr"], res["tkd"]

@@ -11,7 +11,7 @@ from qsm_core.inversion.backend import get_backend
 __all__ = ["tikhonov"]
 
 
-def tikhonov(local_field_ppm, mask, *, voxel_size_mm, b0_dir, alpha: float = 0.02,
+def tikhonov(local_field_ppm, mask, *, voxel_size_mm, b0_dir, alpha: float = 0.005,
              device: str = "cpu", pad_voxels=16, reference: str = "mask_mean") -> np.ndarray:
     """Susceptibility minimising ``||D*chi - f||^2 + alpha ||chi||^2`` in closed form.
 

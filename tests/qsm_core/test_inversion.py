@@ -283,3 +283,15 @@ def test_progress_bars_and_info(small_case):
     assert len(info.iter_times_s["lsqr"]) == 4 and info.fft_times_s["streak"] > 0
     assert set(info.step_times_s) == {"prepare", "lsqr", "fast", "streak", "finish"}
     assert info.chi_lsqr_ppm is None  # only kept on request
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_cuda_matches_numpy(name, small_case):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    f, mask = small_case
+    a = METHODS[name](f, mask, voxel_size_mm=VOX, b0_dir=B0, device="cpu", **FAST[name])
+    b = METHODS[name](f, mask, voxel_size_mm=VOX, b0_dir=B0, device="cuda", **FAST[name])
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-3
