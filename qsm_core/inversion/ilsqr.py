@@ -379,8 +379,7 @@ class _ConeGradientOp(LinearOperator):
         # grad^T y = sum_j (y shifted by +1 along j) - y ; pad is zero outside box
         # and the faces beyond it (weights vanish on the box's last planes).
         inner = self.pad[self.box]
-        inner[...] = t[0]
-        bk.iadd(inner, t[1])
+        bk.add(t[0], t[1], out=inner)
         bk.iadd(inner, t[2])
         for ax in range(3):
             bk.isub(self.pad[self.shifted[ax]], t[ax])
