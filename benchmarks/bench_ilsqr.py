@@ -59,14 +59,19 @@ def main(argv=None):
           f"device={args.device}")
     for rep in range(args.repeat):
         tracemalloc.start()
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         chi, info = ilsqr(field, mask, voxel_size_mm=vox, b0_dir=b0, device=args.device,
                           return_info=True)
         total = time.perf_counter() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         pair = fft_pair_s(info.grid_shape)
-        print(f"\nrun {rep + 1}: total {total:.2f} s on grid {info.grid_shape}")
+        print(f"\nrun {rep + 1}: total {total:.2f} s on grid {info.grid_shape}; CPU time "
+              f"{cpu:.2f} s (on an idle machine the wall time lies between CPU/ncores and "
+              f"CPU; a much larger wall time means other processes share the cores)")
         print("  steps: " + ", ".join(f"{k} {v:.2f} s" for k, v in info.step_times_s.items()))
         for step in ("lsqr", "streak"):
             it = np.asarray(info.iter_times_s[step])
