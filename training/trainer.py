@@ -487,6 +487,9 @@ def _train(patches, table, *, config, out_dir, resume, folds, command, info) -> 
                          f"config channels {config.channels}")
     if "participant_id" not in table.columns:
         raise InputError("lesion table has no participant_id column (needed to group folds)")
+    if info.distributed and config.imbalance == "sampler":
+        raise InputError("imbalance 'sampler' (class-balanced sampling) works in one process "
+                         "only; use imbalance 'pos_weight' under torchrun")
     table = table.reset_index(drop=True)
     labels, types, type_names = prepare_labels(table, config, n_patches=shape[0])
     if config.threads > 0:

@@ -151,3 +151,19 @@ def test_config_rejects_typos(tmp_path):
         TrainConfig(arch="transformer")
     p = TrainConfig(epochs=7).save(tmp_path / "c.json")
     assert TrainConfig.load(p).epochs == 7
+
+
+def test_type_head_from_type_names(tmp_path, data):
+    x, t = data
+    rng = np.random.default_rng(0)
+    names = np.where(t.label == 1, "rim", rng.choice(["iso", "hypo", "hyper", "hypo_rim"],
+                                                     size=len(t)))
+    t = t.assign(truth_type=names)
+    cfg = TrainConfig(**{**SMALL, "epochs": 1, "n_types": 5, "type_column": "truth_type"})
+    model = train_model(x, t, config=cfg, out_dir=tmp_path / "m")
+    assert model.config["type_names"] == ["hyper", "hypo", "hypo_rim", "iso", "rim"]
+    probs = model.predict_types(x[:5])
+    assert probs.shape == (5, 5)
+    np.testing.assert_allclose(probs.sum(1), 1.0)
+    with pytest.raises(InputError, match="more than n_types"):
+        train_model(x, t, config=cfg.replace(n_types=3), out_dir=tmp_path / "m3")
