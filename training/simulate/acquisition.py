@@ -192,10 +192,18 @@ def total_field(anat: Anatomy, affine_world: np.ndarray, *, brain_only: bool = F
     b0 = b0_dir_from_affine(affine_world)
     vox = anat.voxel_size_mm
     if brain_only:
-        chi = np.where(anat.brain_mask > 0, anat.chi_ppm, 0.0).astype(np.float32)
-        return forward_field_ppm(chi, voxel_size_mm=vox, b0_dir=b0,
-                                 pad_voxels=[max(8, n // 6) for n in chi.shape],
-                                 workers=workers)
+        # sources inside the brain only: compute on the brain's bounding box
+        idx = np.argwhere(anat.brain_mask > 0)
+        out = np.zeros(anat.shape, np.float32)
+        if len(idx) == 0:
+            return out
+        lo, hi = idx.min(0), idx.max(0) + 1
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        chi = np.where(anat.brain_mask[sl] > 0, anat.chi_ppm[sl], 0.0).astype(np.float32)
+        out[sl] = forward_field_ppm(chi, voxel_size_mm=vox, b0_dir=b0,
+                                    pad_voxels=[max(8, int(24 / v)) for v in vox],
+                                    workers=workers)
+        return out
     chi = (anat.chi_ppm - np.float32(AIR_CHI_PPM)).astype(np.float32)
     ext = 0
     if anat.brain_mask[:, :, 0].any():
@@ -254,27 +262,48 @@ def acquire_gre(anat: Anatomy, field_ppm: np.ndarray, *, scanner: ScannerPreset,
                    for g, v in zip(grads, vox)])
     del grads
     te_max = float(max(scanner.echo_times_s))
-    strong = np.flatnonzero(((dw.max(axis=0) * te_max / 2 > 0.05) & (anat.pd > 0)).ravel())
-    dw_strong = dw.reshape(3, -1)[:, strong]
+    # signal is computed on head voxels only (PD > 0); air is pure noise
+    head = np.flatnonzero(anat.pd.ravel() > 0)
+    strong = np.flatnonzero(dw.max(axis=0).ravel()[head] * te_max / 2 > 0.05)
+    dw_strong = dw.reshape(3, -1)[:, head[strong]]
     del dw
     out_shape, _ = grid_for(anat.shape, vox, voxel_size_mm)
     n_e = len(scanner.echo_times_s)
     mag = np.empty((*out_shape, n_e), np.float32)
     pha = np.empty((*out_shape, n_e), np.float32)
     sigma = np.float32(TISSUES["wm"].pd / snr)
-    w_field = np.float32(scanner.phase_sign * 2 * np.pi * hz_per_ppm) * field_ppm
-    s = np.empty(anat.shape, np.complex64)
-    for e, te in enumerate(scanner.echo_times_s):
-        te = np.float32(te)
-        amp = anat.pd * np.exp(-anat.r2star_s * te)
+    pd_h = anat.pd.ravel()[head]
+    r2_h = anat.r2star_s.ravel()[head]
+    w_h = np.float32(scanner.phase_sign * 2 * np.pi * hz_per_ppm) * field_ppm.ravel()[head]
+    ph0_h = phi0.ravel()[head]
+    tes = np.asarray(scanner.echo_times_s, float)
+    uniform = n_e > 1 and np.allclose(np.diff(tes), tes[1] - tes[0], rtol=1e-6, atol=1e-9)
+    full = np.zeros(anat.shape, np.complex64)
+    base = step = None
+    for e, te in enumerate(tes):
+        te32 = np.float32(te)
+        if base is None or not uniform:
+            amp = pd_h * np.exp(-r2_h * te32)
+            ph = ph0_h + w_h * te32
+            base = (amp * np.cos(ph) + 1j * (amp * np.sin(ph))).astype(np.complex64)
+            if uniform and step is None:
+                dte = np.float32(tes[1] - tes[0])
+                decay = np.exp(-r2_h * dte)
+                step = (decay * np.cos(w_h * dte) + 1j * (decay * np.sin(w_h * dte))
+                        ).astype(np.complex64)
+                del decay
+            del amp, ph
+        else:
+            base *= step  # S(TE + dTE) = S(TE) exp((-R2* + i w) dTE)
+        sig = base.copy()
         if strong.size:
-            att = np.prod(np.sinc(dw_strong * (te / np.float32(2 * np.pi))), axis=0)
-            amp.ravel()[strong] *= att.astype(np.float32)
-        ph = phi0 + w_field * te
-        s.real = amp * np.cos(ph)
-        s.imag = amp * np.sin(ph)
-        del ph, amp
-        r = fourier_resample(s, vox, voxel_size_mm, workers=workers)
+            sig[strong] *= np.prod(np.sinc(dw_strong * (te32 / np.float32(2 * np.pi))),
+                                   axis=0).astype(np.float32)
+        full.ravel()[head] = sig
+        del sig
+        r = fourier_resample(full, vox, voxel_size_mm, workers=workers)
+        if r is full:
+            r = full.copy()
         r.real += sigma * rng.standard_normal(out_shape, dtype=np.float32)
         r.imag += sigma * rng.standard_normal(out_shape, dtype=np.float32)
         mag[..., e] = np.abs(r)

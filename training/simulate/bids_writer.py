@@ -104,7 +104,7 @@ def write_session(root, plan, subject_index: int, session_index: int, *,
             "MRAcquisitionType": "3D",
             "PhaseSign": "right-handed" if sc.phase_sign > 0 else "left-handed",
             "SimulatedBy": "qsmrim simulate"}
-    mag_slope = max(float(r.magnitude.max()), 1e-6) / 32000.0
+    mag_slope = max(float(r.magnitude.max()), 1e-6) / 4095.0  # 12 bits, as scanners
     for e, te in enumerate(r.echo_times_s):
         for part in ("mag", "phase"):
             f = p["anat"] / f"{p['stem']}_echo-{e + 1}_part-{part}_MEGRE.nii.gz"
@@ -117,7 +117,7 @@ def write_session(root, plan, subject_index: int, session_index: int, *,
                 side = dict(meta, EchoTime=float(te), Units="rad")
             write_json(f.with_name(f.name.replace(".nii.gz", ".json")), side)
     save_scaled_int16(p["flair"], r.flair, r.flair_affine,
-                      slope=max(float(r.flair.max()), 1e-6) / 32000.0)
+                      slope=max(float(r.flair.max()), 1e-6) / 4095.0)
     write_json(p["anat"] / f"{p['stem']}_FLAIR.json",
                {"MagneticFieldStrength": sc.field_strength_t, "Manufacturer": sc.manufacturer,
                 "MRAcquisitionType": "3D", "SimulatedBy": "qsmrim simulate"})
