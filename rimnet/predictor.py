@@ -452,7 +452,7 @@ class Predictor:
                 continue
         return None
 
-    def _reconstruct(self, scan: ScanInputs, out_dir: Path) -> Path:
+    def _reconstruct(self, scan: ScanInputs, out_dir: Path):
         from qsm_core.io.bids import discover_scans
         from qsm_core.io.derivatives import write_dataset_description, write_recon_outputs
         from qsm_core.pipeline import reconstruct
@@ -485,9 +485,10 @@ class Predictor:
                                       source_dataset=self.bids_dir)
             written = write_recon_outputs(out_dir, raw, result,
                                           extra_parameters={"device": self.device})
+            raw_affine = raw.affine
         finally:
             raw.release()
-        return written["Chimap"]
+        return written["Chimap"], result, raw_affine
 
     # -- one scan -----------------------------------------------------------------------
     def prepare_scan(self, scan: ScanInputs, out_dir) -> tuple[ScanResult, np.ndarray]:
@@ -505,9 +506,16 @@ class Predictor:
         t0 = time.perf_counter()
         chimap = self._find_chimap(scan, out_dir)
         if chimap is None:
-            chimap = self._reconstruct(scan, out_dir)
+            chimap, result, aff = self._reconstruct(scan, out_dir)
             t["recon"] = time.perf_counter() - t0
-        chi, aff = load_nifti(chimap)
+            # keep the arrays just computed (as written: float32) instead of re-reading them
+            chi = np.asarray(result.chi_ppm, np.float32)
+            swi = None if result.swi is None else np.asarray(result.swi, np.float32)
+            del result
+        else:
+            chi, aff = load_nifti(chimap)
+            swi_path = chimap.with_name(chimap.name.replace("_Chimap.", "_swi."))
+            swi = load_nifti(swi_path)[0] if swi_path.is_file() else None
         vs = voxel_sizes_mm(aff)
 
         lmap, laff = load_nifti(scan.lesion_path)
@@ -529,9 +537,8 @@ class Predictor:
             where = self.bids_dir / scan.folder / "anat" if self.bids_dir else "(no BIDS_DIR)"
             raise InputError(f"{scan.name}: the model needs FLAIR but there is no "
                              f"{scan.name}_FLAIR.nii.gz in {where}; add it or use --no-cnn")
-        swi_path = chimap.with_name(chimap.name.replace("_Chimap.", "_swi."))
-        if swi_path.is_file():
-            images["swi"], _ = load_nifti(swi_path)
+        if swi is not None:
+            images["swi"] = swi
         t["load"] = time.perf_counter() - t0 - t.get("recon", 0.0)
 
         table = lesion_table(labels, aff, participant_id=scan.participant_id,
