@@ -5,10 +5,11 @@ one network per cross-validation fold (``fold_K/model.pt``, plain state dicts lo
 ``torch.load(..., weights_only=True)``), the resolved ``config.json`` and ``temperature.json``
 (calibration and decision threshold). :class:`RimCNN` loads it and scores patches:
 
-1. every patch is seen in ``V`` orientations (test-time augmentation, batched into one forward
-   pass per fold network): ``"none"`` (1), ``"flip"`` (identity + flips of the in-plane axes,
-   4), ``"d4"`` (the 8 in-plane rotations/reflections) or ``"d4z"`` (those times a flip of
-   the slice axis, 16); all are symmetries of the susceptibility dipole about B0;
+1. every patch is seen in ``V`` orientations (test-time augmentation; each view of a batch
+   of patches is one batched forward pass per fold network): ``"none"`` (1), ``"flip"``
+   (identity + flips of the in-plane axes, 4), ``"d4"`` (the 8 in-plane rotations and
+   reflections) or ``"d4z"`` (those times a flip of the slice axis, 16); all are symmetries
+   of the susceptibility dipole about B0;
 2. the rim logits are averaged over views and fold networks;
 3. calibrated: ``logit_cal = (logit + offset) / temperature`` (``offset`` undoes the prior
    shift of class-weighted training; the temperature is fitted on out-of-fold logits);
@@ -35,7 +36,8 @@ from qsm_core.errors import InputError
 from qsm_core.io.atomic import atomic_path, write_json
 from rimnet.network import build_network
 
-__all__ = ["TTA_MODES", "RimCNN", "tta_views", "n_tta_views", "ensemble_logits",
+__all__ = ["TTA_MODES", "RimCNN", "tta_views", "iter_tta_views", "n_tta_views",
+           "ensemble_logits",
            "network_kwargs_from_config", "load_state_dict_file", "save_state_dict", "fold_dirs"]
 
 log = logging.getLogger(__name__)
@@ -82,9 +84,36 @@ def tta_views(x: torch.Tensor, tta: str) -> torch.Tensor:
     return torch.cat(views, dim=0)
 
 
+def iter_tta_views(x: torch.Tensor, tta: str):
+    """Yield the test-time views of a batch one at a time (same order as :func:`tta_views`).
+
+    Producing views lazily avoids materialising all ``V`` copies of a batch at once (the
+    copies, not the convolutions, dominate CPU time for cheap networks).
+    """
+    n_tta_views(tta)
+    if tta == "none":
+        yield x
+        return
+    if tta == "flip":
+        yield x
+        yield x.flip(2)
+        yield x.flip(3)
+        yield x.flip((2, 3))
+        return
+    bases = (x, x.flip(2))
+    for base in bases:
+        for k in range(4):
+            yield torch.rot90(base, k, dims=(2, 3)) if k else base
+    if tta == "d4z":
+        for base in bases:
+            for k in range(4):
+                v = torch.rot90(base, k, dims=(2, 3)) if k else base
+                yield v.flip(4)
+
+
 @torch.inference_mode()
 def ensemble_logits(nets: Sequence[nn.Module], patches, *, tta: str = "flip",
-                    batch_size: int = 128, device="cpu", with_types: bool = False):
+                    batch_size: int = 64, device="cpu", with_types: bool = False):
     """Rim logits averaged over test-time views and networks (uncalibrated).
 
     Parameters
@@ -96,7 +125,8 @@ def ensemble_logits(nets: Sequence[nn.Module], patches, *, tta: str = "flip",
     tta : str
         Test-time augmentation mode (see :func:`tta_views`).
     batch_size : int
-        Patches per forward pass (each pass holds ``batch_size * V`` views).
+        Patches per forward pass; every view of a batch goes through each network as one
+        batched forward pass.
     device : str or torch.device
     with_types : bool
         Also return the lesion-type logits of the second head, averaged the same way.
@@ -106,6 +136,11 @@ def ensemble_logits(nets: Sequence[nn.Module], patches, *, tta: str = "flip",
     logits : ndarray, shape (N,), float64
     type_logits : ndarray, shape (N, n_types)
         Only if ``with_types``.
+
+    Raises
+    ------
+    InputError
+        If a patch holds NaN or Inf values.
     """
     v = n_tta_views(tta)
     n = len(patches)
@@ -115,16 +150,19 @@ def ensemble_logits(nets: Sequence[nn.Module], patches, *, tta: str = "flip",
         chunk = patches[start:start + batch_size]
         x = torch.as_tensor(np.asarray(chunk, dtype=np.float32) if not torch.is_tensor(chunk)
                             else chunk.float())
-        if not torch.isfinite(x).all():
-            bad = int(start + torch.nonzero(~torch.isfinite(x).flatten(1).all(1))[0, 0])
+        # NaN/Inf propagate through a sum: one cheap reduction instead of an elementwise test
+        sums = x.reshape(x.shape[0], -1).sum(dim=1)
+        if not torch.isfinite(sums).all():
+            bad = int(start + torch.nonzero(~torch.isfinite(sums))[0, 0])
             raise InputError(f"patch {bad} has NaN/Inf values; check the QSM/FLAIR inputs")
-        x = tta_views(x.to(device), tta)
-        b = x.shape[0] // v
+        x = x.to(device)
         acc = None
-        for net in nets:
-            y = net(x).float().reshape(v, b, -1).mean(dim=0)
-            acc = y if acc is None else acc + y
-        acc = (acc / len(nets)).cpu().double().numpy()
+        for view in iter_tta_views(x, tta):
+            for net in nets:
+                y = net(view).float()
+                acc = y if acc is None else acc + y
+        acc = (acc / (v * len(nets))).cpu().double().numpy()
+        b = acc.shape[0]
         out[start:start + b] = acc[:, 0]
         if with_types and acc.shape[1] > 1:
             if types is None:
@@ -210,7 +248,7 @@ class RimCNN:
 
     def __init__(self, networks: Sequence[nn.Module], *, config: dict,
                  temperature: float = 1.0, offset: float = 0.0, threshold: float = 0.5,
-                 tta: str | None = None, batch_size: int = 128, device: str = "cpu"):
+                 tta: str | None = None, batch_size: int = 64, device: str = "cpu"):
         if not networks:
             raise InputError("RimCNN needs at least one network")
         if not (np.isfinite(temperature) and temperature > 0):
@@ -235,7 +273,7 @@ class RimCNN:
     # ------------------------------------------------------------------ I/O
     @classmethod
     def load(cls, model_dir, *, device: str = "cpu", tta: str | None = None,
-             folds: Sequence[int] | None = None, batch_size: int = 128) -> RimCNN:
+             folds: Sequence[int] | None = None, batch_size: int = 64) -> RimCNN:
         """Load a model directory.
 
         Parameters
