@@ -107,7 +107,7 @@ def _bbox(mask, margin):
 
 
 def vsharp(total_field_hz, mask, *, voxel_size_mm, radii_mm=None,
-           tsvd_threshold: float = 0.05, refine_iter: int = 0, b0_dir=None,
+           tsvd_threshold: float = 0.05, refine_iter: int = 2, b0_dir=None,
            workers: int = -1):
     """V-SHARP background field removal.
 
@@ -125,7 +125,8 @@ def vsharp(total_field_hz, mask, *, voxel_size_mm, radii_mm=None,
     refine_iter : int
         Extra fixed-point iterations ``x += deconv(target - composite(x))`` that make the
         result consistent with every radius's high-pass data, not only the largest
-        kernel's; they cut the edge error of plain V-SHARP (0 = as published).
+        kernel's; they cut the edge error of plain V-SHARP (0 = as published; see
+        docs/pipeline.md for the measurements behind the default of 2).
     b0_dir : ignored
         Accepted so that every background method has the same signature; V-SHARP does not
         depend on the field direction.

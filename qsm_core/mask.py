@@ -4,10 +4,11 @@ Steps: echo-combined magnitude (root of the sum of squares over echoes), light G
 smoothing, a robust threshold (Otsu's between-class variance on the intensities below the
 99.5th percentile, or a user threshold as a fraction of that percentile), the largest
 connected component, 3D hole filling, a morphological opening with a ball of ``open_mm``
-that cuts thin bridges (e.g. to scalp or neck), the largest component again, and an
-optional erosion of ``erode_mm``. Ball morphology uses the physical voxel sizes
-(structuring elements for small radii, Euclidean distance transforms for large ones), so
-it is right for anisotropic voxels.
+that cuts thin bridges (e.g. to scalp or neck), the largest component again, optionally
+dropping voxels far darker than the threshold that hole filling brought back
+(``dark_fraction``), and an optional erosion of ``erode_mm``. Ball morphology uses the
+physical voxel sizes (structuring elements for small radii, Euclidean distance transforms
+for large ones), so it is right for anisotropic voxels.
 
 In :func:`qsm_core.pipeline.reconstruct` a user-supplied mask always wins over this one.
 """
@@ -131,7 +132,8 @@ def _dilate_ball(mask, radius_mm, v):
 
 
 def brain_mask(magnitude, *, voxel_size_mm, threshold=None, smooth_mm: float = 1.0,
-               open_mm: float = 2.0, erode_mm: float = 0.0) -> np.ndarray:
+               open_mm: float = 2.0, erode_mm: float = 0.0,
+               dark_fraction: float = 0.0) -> np.ndarray:
     """Brain (tissue) mask from magnitude.
 
     Parameters
@@ -148,6 +150,11 @@ def brain_mask(magnitude, *, voxel_size_mm, threshold=None, smooth_mm: float = 1
         Radius (mm) of the ball used for the morphological opening (0: none).
     erode_mm : float
         Final erosion radius (mm). Default 0: V-SHARP erodes the mask itself.
+    dark_fraction : float
+        After hole filling, voxels whose (unsmoothed) combined magnitude is below
+        ``dark_fraction`` times the threshold are dropped again, e.g. 0.5: skull and air
+        cavities enclosed by tissue, whose phase is noise. Default 0 keeps them (interior
+        signal voids stay in the mask); the pipeline's 2 mm erosion removes the edge ones.
 
     Returns
     -------
@@ -169,6 +176,7 @@ def brain_mask(magnitude, *, voxel_size_mm, threshold=None, smooth_mm: float = 1
     if not np.all(np.isfinite(comb)):
         raise InputError("magnitude contains NaN or Inf; fix the input images")
     v = _check_voxel_size(voxel_size_mm)
+    raw = comb
     if smooth_mm > 0:
         comb = ndimage.gaussian_filter(comb, sigma=smooth_mm / v, mode="nearest")
     top = float(np.percentile(comb, 99.5))
@@ -186,6 +194,9 @@ def brain_mask(magnitude, *, voxel_size_mm, threshold=None, smooth_mm: float = 1
         m = dilate_ball(erode_ball(m, open_mm, voxel_size_mm=v), open_mm, voxel_size_mm=v) & m
         m = largest_component(m)
         m = _on_bbox(ndimage.binary_fill_holes, m, [1, 1, 1])
+    if dark_fraction > 0:
+        m &= raw >= dark_fraction * thr
+        m = largest_component(m)
     if erode_mm > 0:
         m = erode_ball(m, erode_mm, voxel_size_mm=v)
     if not m.any():

@@ -47,6 +47,14 @@ def test_brain_mask_removes_detached_blob_and_fills_holes(rng):
     assert m[30:34, 30:34, 26:30].all()
 
 
+def test_dark_fraction_drops_enclosed_voids(rng):
+    mag, truth = _head(rng)
+    mag[30:34, 30:34, 26:30, :] = 0.0  # a signal void inside the tissue
+    m = brain_mask(mag, voxel_size_mm=(1, 1, 1), dark_fraction=0.5).astype(bool)
+    assert not m[31:33, 31:33, 27:29].any()
+    assert _dice(m, truth) > 0.95
+
+
 def test_erosion_option_and_threshold(rng):
     mag, truth = _head(rng)
     m0 = brain_mask(mag, voxel_size_mm=(1, 1, 1))
