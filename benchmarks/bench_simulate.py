@@ -56,11 +56,19 @@ def calibration(args) -> dict:
 
 
 def speed(args) -> float:
+    import resource
+
     from training.simulate.anatomy import base_anatomy
     from training.simulate.cohort import simulate_cohort
 
+    def cpu_s():
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
     tmp = Path(tempfile.mkdtemp(prefix="bench_sim_"))
     try:
+        c0 = cpu_s()
         t0 = time.perf_counter()
         base_anatomy("mni", (1.0, 1.0, 1.0), None)
         t_tpl = time.perf_counter() - t0
@@ -69,12 +77,15 @@ def speed(args) -> float:
                               voxel_size_mm=tuple(args.voxel_size), workers=args.workers,
                               progress=True)
         dt = time.perf_counter() - t0
+        cpu = cpu_s() - c0
         n_scans = sum(1 for _ in out.glob("sub-*/ses-*"))
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
         print(f"{args.subjects} subjects, {n_scans} scans, voxel {args.voxel_size} mm, "
               f"scanner {args.scanner}, {args.workers} workers: {dt:.1f} s total "
               f"({t_tpl:.1f} s template), {dt / n_scans:.1f} s per scan, "
-              f"{dt / args.subjects:.1f} s per subject, {size:.0f} MB written")
+              f"{dt / args.subjects:.1f} s per subject, {size:.0f} MB written; CPU time "
+              f"{cpu:.1f} s ({cpu / n_scans:.1f} s per scan), i.e. {cpu / args.workers:.0f} s "
+              f"of wall time on {args.workers} otherwise idle cores")
         return dt
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

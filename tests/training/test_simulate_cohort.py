@@ -200,3 +200,36 @@ def test_cli_refuses_non_empty_dir_and_writes_tables_only(tmp_path, capsys):
                  "--tables-only"]) == 2
     assert "lesions_mean" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_clinical_voxels_and_separate_flair_grid_share_world_coordinates():
+    plan = plan_cohort("general-ms", n_subjects=1, seed=2, source="procedural",
+                       anatomy_shape=(64, 64, 64), anatomy_voxel_mm=(1.5, 1.5, 1.5),
+                       voxel_size_mm=(0.9, 0.9, 2.0), max_tilt_deg=10.0)
+    from qsm_core.geometry import b0_dir_from_affine, voxel_sizes_mm
+    from training.simulate.cohort import simulate_scan
+
+    r = simulate_scan(plan, 0, 0, flair_voxel_size_mm=(1.5, 1.5, 1.5))
+    np.testing.assert_allclose(voxel_sizes_mm(r.gre_affine), [0.9, 0.9, 2.0], atol=1e-9)
+    np.testing.assert_allclose(voxel_sizes_mm(r.flair_affine), [1.5, 1.5, 1.5], atol=1e-9)
+    assert r.magnitude.shape[:3] == r.chi_ppm.shape and r.flair.shape == r.lesion_labels.shape
+    # the head tilt is in the affine: B0 is off the slice axis by the planned angle
+    tilt = np.degrees(np.arccos(b0_dir_from_affine(r.gre_affine)[2]))
+    assert tilt == pytest.approx(plan.subjects[0].sessions[0].tilt_deg, abs=1e-6)
+
+    def centroid(mask, aff):
+        return aff[:3, :3] @ np.argwhere(mask).mean(0) + aff[:3, 3]
+
+    # FLAIR grid: the largest lesion sits where the simulation grid put it
+    big = max(r.stats, key=lambda k: r.stats[k]["volume_mm3"])
+    np.testing.assert_allclose(centroid(r.lesion_labels == big, r.flair_affine),
+                               r.stats[big]["centroid_mm"], atol=1.0)
+    # GRE grid: the brain mask sits where the simulation grid's brain mask is
+    from training.simulate import acquisition as acq
+    from training.simulate.anatomy import build_anatomy
+
+    anat = build_anatomy(source="procedural", voxel_size_mm=(1.5, 1.5, 1.5),
+                         shape=(64, 64, 64), veins=False)
+    w = acq.world_affine(anat, plan.subjects[0].sessions[0].rotation)
+    np.testing.assert_allclose(centroid(r.brain_mask > 0, r.gre_affine),
+                               centroid(anat.brain_mask > 0, w), atol=0.5)
