@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import scipy.ndimage as ndi
 import scipy.stats as st
 
 from qsm_core.errors import InputError
@@ -402,7 +403,8 @@ class ScanResult:
     brain_mask: np.ndarray       # GRE grid uint8
     rim_mask: np.ndarray         # GRE grid uint8
     type_map: np.ndarray         # GRE grid uint8
-    stats: dict                  # lesion_id -> volume_mm3 / centroid_mm (world) / rim_coverage
+    stats: dict  # lesion_id -> volume_mm3, centroid_mm (world, of the FLAIR-grid label),
+    #              rim_coverage (on the simulation grid)
     scanner: acq.ScannerPreset
 
 
@@ -453,14 +455,23 @@ def simulate_scan(plan: CohortPlan, subject: SubjectPlan | int, session: int = 0
     chi = acq.linear_resample(np.where(anat.brain_mask > 0, anat.chi_ppm, 0).astype(np.float32),
                               avox, vox, out_shape) * brain
     local = acq.linear_resample(local, avox, vox, out_shape) * brain
+    # table geometry from the label map as written (FLAIR grid, world mm)
+    lab_f = acq.nearest_resample(maps["lesion_labels"], avox, fvox, f_shape)
+    f_aff = acq.world_affine(anat, rot, f_scale)
+    ids = np.array(sorted(set(np.unique(lab_f).tolist()) - {0}), int)
     stats = {}
-    for lid, s in maps["stats"].items():
-        stats[lid] = dict(s, centroid_mm=rot @ s["centroid_mm"])
+    if len(ids):
+        counts = ndi.sum_labels(np.ones(f_shape, np.float32), lab_f, index=ids)
+        coms = ndi.center_of_mass(np.ones(f_shape, np.float32), lab_f, index=ids)
+        vvol = float(np.prod(fvox))
+        for lid, n, com in zip(ids, counts, coms):
+            stats[int(lid)] = {"volume_mm3": float(n) * vvol,
+                               "centroid_mm": f_aff[:3, :3] @ np.asarray(com) + f_aff[:3, 3],
+                               "rim_coverage": maps["stats"][int(lid)]["rim_coverage"]}
     return ScanResult(
         magnitude=mag, phase_rad=pha, echo_times_s=tuple(scan.echo_times_s),
         gre_affine=acq.world_affine(anat, rot, scale), flair=flair,
-        flair_affine=acq.world_affine(anat, rot, f_scale),
-        lesion_labels=acq.nearest_resample(maps["lesion_labels"], avox, fvox, f_shape),
+        flair_affine=f_aff, lesion_labels=lab_f,
         chi_ppm=chi.astype(np.float32), local_field_ppm=local.astype(np.float32),
         brain_mask=brain.astype(np.uint8),
         rim_mask=acq.nearest_resample(maps["rim_mask"], avox, vox, out_shape),

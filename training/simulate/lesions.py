@@ -324,8 +324,8 @@ def add_confounders(les: Lesion, rng, *, style: LesionStyle, scale: float = 1.0)
         veins.append(Vein(np.linspace(p0, p1, 5), float(rng.uniform(0.3, 0.55)),
                           float(rng.uniform(0.3, 0.45)), "central"))
     if edge:
-        n = les.rotation[:, 1] if rng.random() < 0.5 else les.rotation[:, 2]
-        k = 1 if n is les.rotation[:, 1] else 2
+        k = 1 if rng.random() < 0.5 else 2
+        n = les.rotation[:, k]
         semi = les.blobs[0][1][k]
         r = float(rng.uniform(0.4, 0.9))
         off = n * (semi + r * rng.uniform(0.0, 1.0)) * rng.choice([-1, 1])
