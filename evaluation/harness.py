@@ -259,7 +259,7 @@ def evaluate(participants, lesions, predictions_list=(), *, truth_column: str | 
              negative_group: str | None = None, n_boot: int = 2000, seed: int = 0,
              alpha: float = 0.05, max_fpr: float = 0.1, n_folds: int = 5,
              min_counts=(1, 4), out_dir=None, title: str | None = None,
-             figures: bool = True) -> dict:
+             figures: bool = True, scored_only: bool = False) -> dict:
     """Evaluate scorers against readers and consensus, per lesion and per patient.
 
     Parameters
@@ -295,6 +295,9 @@ def evaluate(participants, lesions, predictions_list=(), *, truth_column: str | 
         Report title.
     figures : bool
         Draw figures (HTML report only).
+    scored_only : bool
+        Evaluate only the lesions that the predictions score (see
+        :func:`evaluation.inputs.load_inputs`); the excluded ones are listed in the notes.
 
     Returns
     -------
@@ -305,7 +308,8 @@ def evaluate(participants, lesions, predictions_list=(), *, truth_column: str | 
     started = _dt.datetime.now(_dt.UTC)
     opt_truth = [truth_column] if truth_column and truth_column != reference else []
     data = load_inputs(participants, lesions, predictions_list, group_column=group_column,
-                       reference_columns=[reference], optional_reference_columns=opt_truth)
+                       reference_columns=[reference], optional_reference_columns=opt_truth,
+                       scored_only=scored_only)
     notes = list(data.notes)
     refs = [reference]
     if opt_truth:

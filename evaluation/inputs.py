@@ -145,7 +145,8 @@ def detect_scorers(columns, *, source: str = "<predictions>") -> dict[str, dict[
 
 
 def load_inputs(participants, lesions, predictions_list, *, group_column: str = "diagnosis",
-                reference_columns=("consensus",), optional_reference_columns=()) -> EvalData:
+                reference_columns=("consensus",), optional_reference_columns=(),
+                scored_only: bool = False) -> EvalData:
     """Read, validate and merge participants, lesions and predictions.
 
     Parameters
@@ -159,6 +160,10 @@ def load_inputs(participants, lesions, predictions_list, *, group_column: str = 
         0/1 lesion columns used as a reference; each must exist and have no missing values.
     optional_reference_columns : sequence of str
         Like ``reference_columns`` but only checked when present (e.g. ``truth_prl``).
+    scored_only : bool
+        Keep only the lesions that every predictions table scores (e.g. when the predictor's
+        size filter dropped the smallest ones); the excluded lesions are listed in the
+        notes. By default a lesion without a prediction is an error.
 
     Returns
     -------
@@ -209,7 +214,17 @@ def load_inputs(participants, lesions, predictions_list, *, group_column: str = 
                              f"(continuous) and NAME_call (0/1), e.g. cnn_prob, cnn_call")
         pidx = pd.MultiIndex.from_frame(pdf[LESION_KEYS])
         missing = ~key_index.isin(pidx)
-        if missing.any():
+        if missing.any() and scored_only:
+            notes.append(f"{int(missing.sum())} lesion(s) of the lesions table have no "
+                         f"prediction in {source} and are excluded (scored_only): "
+                         f"{row_names(les, missing)}")
+            keep = ~missing
+            les = les[keep].reset_index(drop=True)
+            merged = merged[np.asarray(keep)].reset_index(drop=True)
+            key_index = pd.MultiIndex.from_frame(les[LESION_KEYS])
+            if les.empty:
+                raise InputError(f"{source}: no lesion of the lesions table is scored")
+        elif missing.any():
             raise InputError(f"{source}: no prediction for {int(missing.sum())} lesion(s) of "
                              f"the lesions table: {row_names(les, missing)}; predict every "
                              f"lesion or drop it from lesions.tsv")

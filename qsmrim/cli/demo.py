@@ -86,7 +86,8 @@ def _steps(out: Path, plan: DemoPlan, *, seed: int, device: str) -> list[tuple[s
          ["evaluate", "--participants", str(test / "bids" / "participants.tsv"),
           "--lesions", str(test / "bids" / "derivatives" / "lesions" / "lesions.tsv"),
           "--predictions", str(test / "predictions" / "predictions.tsv"),
-          "--n-boot", str(plan.n_boot), "--title", "qsmrim demo: held-out simulated cohort",
+          "--scored-only", "--n-boot", str(plan.n_boot),
+          "--title", "qsmrim demo: held-out simulated cohort",
           "--out", str(out / "report")]),
     ]
 

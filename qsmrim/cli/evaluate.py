@@ -51,6 +51,9 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "evaluate") -> None:
                         help="upper FPR of the partial AUC (default: 0.1)")
     parser.add_argument("--title", default=None, help="report title")
     parser.add_argument("--no-figures", action="store_true", help="skip figures (faster)")
+    parser.add_argument("--scored-only", action="store_true",
+                        help="evaluate only the lesions the predictions score (e.g. after the "
+                             "predictor's size filter); excluded lesions are listed in the report")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
                       threshold=args.threshold, group_column=args.group_column,
                       positive_group=args.positive_group, negative_group=args.negative_group,
                       n_boot=args.n_boot, seed=args.seed, max_fpr=args.max_fpr,
-                      out_dir=out, title=args.title, figures=not args.no_figures)
+                      out_dir=out, title=args.title, figures=not args.no_figures,
+                      scored_only=args.scored_only)
     from evaluation.report import _summary_sentences
 
     for line in _summary_sentences(result):
