@@ -73,9 +73,10 @@ def test_vsharp_refine_iterations_reduce_edge_error():
 
 
 def test_default_radii():
-    assert default_radii_mm((1, 1, 1)) == (12.0, 10.0, 8.0, 6.0, 4.0, 3.0, 2.0, 1.0)
+    assert default_radii_mm((1, 1, 1)) == (12.0, 8.0, 5.0, 3.0, 2.0, 1.0)
     r = default_radii_mm((0.9, 0.9, 2.0))
     assert r[0] == 12.0 and r[-1] == 2.0
+    assert default_radii_mm((1, 1, 1), max_radius_mm=6.0) == (6.0, 4.0, 3.0, 2.5, 2.0, 1.0)
 
 
 def test_bad_inputs():
