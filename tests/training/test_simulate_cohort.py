@@ -237,3 +237,13 @@ def test_clinical_voxels_and_separate_flair_grid_share_world_coordinates():
     w = acq.world_affine(anat, plan.subjects[0].sessions[0].rotation)
     np.testing.assert_allclose(centroid(r.brain_mask > 0, r.gre_affine),
                                centroid(anat.brain_mask > 0, w), atol=0.5)
+
+
+@pytest.mark.parametrize("scanner,n_echoes", [("philips", 6), ("single-echo", 1)])
+def test_scanner_presets_render(scanner, n_echoes):
+    from training.simulate.cohort import simulate_scan
+
+    plan = plan_cohort("general-ms", n_subjects=1, seed=4, scanner=scanner, **PROC)
+    r = simulate_scan(plan, 0, 0)
+    assert r.magnitude.shape[-1] == n_echoes == len(r.echo_times_s)
+    assert np.all(np.isfinite(r.magnitude)) and np.abs(r.phase_rad).max() <= np.pi
