@@ -30,18 +30,22 @@ from training.config import TrainConfig  # noqa: E402
 from training.trainer import train_model  # noqa: E402
 
 
-def bench_inference(model_dir=None, *, n=2000, threads=2, folds=5, patch_voxels=32):
+def bench_inference(model_dir=None, *, n=2000, threads=2, folds=5, patch_voxels=None):
     torch.set_num_threads(threads)
+    if model_dir is not None:
+        patch_voxels = RimCNN.load(model_dir).patch_voxels
+    patch_voxels = patch_voxels or TrainConfig().patch_voxels
     x, _ = make_synthetic_patches(256, patch_voxels=patch_voxels, seed=5)
     x = np.concatenate([x] * int(np.ceil(n / len(x))))[:n]
     if model_dir is None:
-        cfg = TrainConfig(patch_voxels=patch_voxels, patch_mm=float(patch_voxels))
+        cfg = TrainConfig(patch_voxels=patch_voxels)
         nets = [build_network(in_channels=4, arch=cfg.arch, channels=cfg.net_channels).eval()
                 for _ in range(folds)]
         model = RimCNN(nets, config=cfg.to_dict())
     else:
         model = RimCNN.load(model_dir)
     print(f"network: {model.config['arch']} {model.config['net_channels']}, "
+          f"{patch_voxels}^3 patches, "
           f"{count_parameters(model.networks[0]):,} parameters per fold, "
           f"{len(model.networks)} folds", flush=True)
     all_nets = model.networks
@@ -61,8 +65,16 @@ def bench_inference(model_dir=None, *, n=2000, threads=2, folds=5, patch_voxels=
 def bench_cv(*, n, folds, epochs, threads, seed, out, only=None):
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
+    # rendered at 1 mm (32^3) and resampled to the configured patch size, as patches are
     x, t = make_synthetic_patches(n, patch_voxels=32, seed=seed, prevalence=0.15,
                                   n_patients=max(folds * 4, n // 12))
+    pv = TrainConfig().patch_voxels
+    if pv != 32:
+        import torch.nn.functional as F
+
+        x = np.concatenate([F.interpolate(torch.as_tensor(x[i:i + 200]), size=(pv,) * 3,
+                                          mode="trilinear", align_corners=True).numpy()
+                            for i in range(0, len(x), 200)])
     print(f"data: {n} synthetic lesions ({int(t.label.sum())} rims, "
           f"{t.participant_id.nunique()} patients) in {time.perf_counter() - t0:.1f} s",
           flush=True)
@@ -103,12 +115,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--inference-only", action="store_true")
+    ap.add_argument("--patch-voxels", type=int, default=None,
+                    help="inference-only: patch size (default: TrainConfig's)")
     ap.add_argument("--only-folds", type=int, default=None,
                     help="train only the first K folds and extrapolate the CV time")
     ap.add_argument("--keep", type=Path, default=None, help="keep the model dir here")
     args = ap.parse_args()
     if args.inference_only:
-        bench_inference(threads=args.threads, folds=args.folds)
+        bench_inference(threads=args.threads, folds=args.folds, patch_voxels=args.patch_voxels)
         return
     out = args.keep or Path(tempfile.mkdtemp()) / "model"
     try:

@@ -231,7 +231,7 @@ class RimCNN:
     threshold : float
         Probability at or above which :meth:`predict` calls a rim.
     tta : str, optional
-        Test-time augmentation mode (default: ``config["tta"]`` or ``"flip"``).
+        Test-time augmentation mode (default: ``config["tta"]`` or ``"none"``).
     batch_size : int
         Patches per forward pass.
     device : str
@@ -260,7 +260,7 @@ class RimCNN:
         self.temperature = float(temperature)
         self.offset = float(offset)
         self.threshold = float(threshold)
-        self.tta = tta or self.config.get("tta", "flip")
+        self.tta = tta or self.config.get("tta", "none")
         n_tta_views(self.tta)
         self.batch_size = int(batch_size)
         self.device = device

@@ -30,7 +30,8 @@ class TrainConfig:
     channels : list of str
         Patch channels, in order (``qsm``, ``flair``, ``lesion``, ``others``, ``swi``).
     patch_mm, patch_voxels : float, int
-        Patch side (mm) and samples per side.
+        Patch side (mm) and samples per side (default 32 mm at 24 samples, 1.33 mm: as
+        accurate as 1 mm sampling on synthetic rims and ~3x cheaper than 32 samples).
     arch : str
         Network architecture (:data:`rimnet.network.ARCHS`).
     net_channels : list of int
@@ -66,7 +67,8 @@ class TrainConfig:
     flip_prob, rot90_prob, affine_prob, intensity_prob, gain, offset, noise_std : float
         Augmentation (see :func:`rimnet.transforms.build_train_transforms`).
     tta : str
-        Test-time augmentation used for validation, out-of-fold predictions and inference.
+        Test-time augmentation of the out-of-fold predictions and the model's default for
+        inference (``none`` for speed; ``flip``, ``d4``, ``d4z`` cost 4, 8, 16 passes).
     threshold_rule : str
         Rule for the decision threshold (:func:`training.calibration.choose_threshold`).
     seed : int
@@ -83,7 +85,7 @@ class TrainConfig:
 
     channels: list[str] = field(default_factory=lambda: ["qsm", "flair", "lesion", "others"])
     patch_mm: float = 32.0
-    patch_voxels: int = 32
+    patch_voxels: int = 24
     arch: str = "fastresnet"
     net_channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     n_types: int = 0
@@ -107,7 +109,7 @@ class TrainConfig:
     gain: float = 1.3
     offset: float = 0.05
     noise_std: float = 0.05
-    tta: str = "flip"
+    tta: str = "none"
     threshold_rule: str = "kappa"
     seed: int = 0
     num_workers: int = 0
