@@ -1,4 +1,4 @@
-"""Background field removal: V-SHARP and PDF.
+"""Background field removal: V-SHARP, PDF and LBV.
 
 Both take the total field (Hz, any linear unit works) and a brain mask and return the
 local field, produced by sources inside the mask, with the mask it is valid on.
@@ -23,6 +23,15 @@ Biomed 2011)
     normal equations; the local field is ``f - D (1-M) x`` on the mask. D is the dipole
     kernel of :mod:`qsm_core.dipole`, so PDF needs ``b0_dir``. Sources must lie in the field
     of view; the FFTs are zero-padded by ``pad_voxels``.
+
+LBV, Laplacian boundary value (Zhou et al., NMR Biomed 2014)
+    The background field is harmonic inside the mask, so it is the solution of Laplace's
+    equation with the total field's values on the mask boundary. Writing the local field
+    ``l = f - f_b``: ``lap l = lap f`` inside, ``l = 0`` on the boundary, one Poisson
+    solve (7-point anisotropic Laplacian, multigrid-preconditioned CG,
+    :func:`qsm_core.lbv.poisson_dirichlet`) on the mask's bounding box. The boundary is
+    the mask's outer voxel layer (6-connectivity); ``peel_mm`` drops more of the edge,
+    where the local field is forced towards zero. LBV does not depend on B0.
 """
 
 from __future__ import annotations
@@ -31,12 +40,15 @@ import logging
 
 import numpy as np
 import scipy.fft
+from scipy import ndimage
 
 from qsm_core.dipole import _check_b0, _check_voxel_size, dipole_kernel
 from qsm_core.errors import InputError
-from qsm_core.mask import ball_structure
+from qsm_core.lbv import laplacian_7pt, poisson_dirichlet
+from qsm_core.mask import ball_structure, erode_ball
 
-__all__ = ["vsharp", "pdf", "BGREMOVE_METHODS", "smv_kernel_spectrum", "default_radii_mm"]
+__all__ = ["vsharp", "pdf", "lbv", "BGREMOVE_METHODS", "smv_kernel_spectrum",
+           "default_radii_mm"]
 
 log = logging.getLogger(__name__)
 
@@ -308,5 +320,68 @@ def pdf(total_field_hz, mask, *, voxel_size_mm, b0_dir, weight=None, tol: float 
     return local, m.astype(np.uint8)
 
 
-BGREMOVE_METHODS = {"vsharp": vsharp, "pdf": pdf}
+def lbv(total_field_hz, mask, *, voxel_size_mm, peel_mm: float = 0.0, tol: float = 1e-5,
+        max_iter: int = 100, b0_dir=None):
+    """Laplacian boundary value (LBV) background field removal.
+
+    Parameters
+    ----------
+    total_field_hz : ndarray, shape (X, Y, Z)
+        Total field (Hz; any linear unit, returned in the same).
+    mask : ndarray, shape (X, Y, Z)
+        Brain mask (nonzero = inside).
+    voxel_size_mm : sequence of 3 floats
+    peel_mm : float
+        After the solve, erode the result's mask by this much (a ball, mm): the local
+        field is forced to zero on the boundary and is least accurate next to it.
+    tol : float
+        Relative residual of the Poisson solve.
+    max_iter : int
+        Maximum preconditioned-CG iterations (each is one multigrid V-cycle).
+    b0_dir : ignored
+        Accepted so that every background method has the same signature; LBV does not
+        depend on the field direction.
+
+    Returns
+    -------
+    local_hz : ndarray, shape (X, Y, Z), float32
+        Local field, zero outside ``mask_out``.
+    mask_out : ndarray of uint8, shape (X, Y, Z)
+        The mask without its outer voxel layer (6-connectivity), eroded by ``peel_mm``.
+    """
+    field, m = _check_field_mask(total_field_hz, mask)
+    v = _check_voxel_size(voxel_size_mm)
+    if peel_mm < 0:
+        raise InputError(f"peel_mm must be >= 0, got {peel_mm!r}")
+    sl = _bbox(m, [0, 0, 0])
+    mc = np.pad(m[sl], 1)
+    interior = ndimage.binary_erosion(mc, ndimage.generate_binary_structure(3, 1),
+                                      border_value=0)
+    if not interior.any():
+        raise InputError("the brain mask has no interior voxel (it is one voxel thin); "
+                         "pass a mask that covers the brain")
+    f = np.pad(field[sl], 1) * mc
+    # every interior voxel's 6 neighbours are in the mask, so the Laplacian there uses
+    # measured values only
+    rhs = laplacian_7pt(f, tuple(1.0 / v**2))
+    rhs *= np.float32(-1.0)
+    local, info = poisson_dirichlet(rhs, interior, voxel_size_mm=v, tol=tol,
+                                    max_iter=max_iter, return_info=True)
+    if info["relative_residual"] > tol:
+        log.warning("LBV: Poisson solve stopped at relative residual %.2g after %d "
+                    "iterations (tol %.2g)", info["relative_residual"], info["iterations"],
+                    tol)
+    keep = interior
+    if peel_mm > 0:
+        keep = erode_ball(interior, peel_mm, voxel_size_mm=v)
+    out = np.zeros(field.shape, np.float32)
+    out[sl] = (local * keep)[1:-1, 1:-1, 1:-1]
+    mask_out = np.zeros(field.shape, np.uint8)
+    mask_out[sl] = keep[1:-1, 1:-1, 1:-1]
+    log.info("LBV: %d -> %d voxels, %d iterations", int(m.sum()), int(mask_out.sum()),
+             info["iterations"])
+    return out, mask_out
+
+
+BGREMOVE_METHODS = {"vsharp": vsharp, "pdf": pdf, "lbv": lbv}
 """Background removal methods by name (the CLI's ``--bgremove`` choices)."""

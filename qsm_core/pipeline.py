@@ -43,7 +43,7 @@ STAGES = ("mask", "unwrap_fit", "bgremove", "inversion", "swi")
 SWI_TARGET_TE_S = 0.020
 """SWI uses the echo whose TE is nearest this (s); ~20 ms is customary at 3 T."""
 
-DEFAULT_BGREMOVE_OPTIONS: dict = {"vsharp": {}, "pdf": {}}
+DEFAULT_BGREMOVE_OPTIONS: dict = {"vsharp": {}, "pdf": {}, "lbv": {}}
 
 DEFAULT_MASK_OPTIONS: dict = {"erode_mm": 2.0}
 """Options of the computed brain mask: a 2 mm erosion drops the skull, cavity and sinus

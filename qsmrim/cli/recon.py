@@ -3,7 +3,7 @@
 BIDS mode::
 
     qsmrim recon BIDS_DIR OUT_DIR [--participant-label L ...] [--session-label S ...]
-                 [--method ilsqr|tkd|tikhonov] [--bgremove vsharp|pdf]
+                 [--method ilsqr|tkd|tikhonov] [--bgremove vsharp|pdf|lbv]
                  [--mask FILE | --mask-dir DIR]
                  [--device cpu|cuda] [--phase-sign 1|-1] [--overwrite]
 
@@ -31,7 +31,7 @@ from qsm_core.errors import InputError, QSMRimError
 logger = logging.getLogger(__name__)
 
 INVERSION_CHOICES = ("ilsqr", "tkd", "tikhonov")
-BGREMOVE_CHOICES = ("vsharp", "pdf")
+BGREMOVE_CHOICES = ("vsharp", "pdf", "lbv")
 FAILURES_FILE = "qsmrim_failures.tsv"
 
 

@@ -3,7 +3,7 @@
 ::
 
     qsmrim unwrap   PHASE OUT [--echo-time TE ...] [--magnitude MAG] [--mask MASK]
-    qsmrim bgremove FIELD MASK OUT [--method vsharp|pdf] [--out-mask FILE]
+    qsmrim bgremove FIELD MASK OUT [--method vsharp|pdf|lbv] [--out-mask FILE]
     qsmrim invert   FIELD MASK OUT [--field-units hz|ppm] [--field-strength T]
                     [--method ilsqr|tkd|tikhonov] [--device cpu|cuda]
 
@@ -27,7 +27,7 @@ from qsm_core.errors import InputError
 logger = logging.getLogger(__name__)
 
 INVERSION_CHOICES = ("ilsqr", "tkd", "tikhonov")
-BGREMOVE_CHOICES = ("vsharp", "pdf")
+BGREMOVE_CHOICES = ("vsharp", "pdf", "lbv")
 
 
 def add_parser(parser: argparse.ArgumentParser, name: str) -> None:
