@@ -5,8 +5,14 @@ The demo runs exactly the commands a user would type, in order, and prints each 
 1. ``qsmrim simulate`` a training cohort and a separate, differently seeded test cohort;
 2. ``qsmrim recon`` both (multi-echo GRE -> iLSQR QSM);
 3. ``qsmrim train`` the rim CNN on the training cohort (patient-grouped cross-validation);
-4. ``qsmrim predict`` on the test cohort (CNN + rule-based detector);
+4. ``qsmrim predict`` on the test cohort with the CNN just trained (and the rule-based
+   detector), and again with the packaged default model when it is installed;
 5. ``qsmrim evaluate`` against readers, consensus and the simulation's ground truth.
+
+The demo's cohorts are small so that it runs in minutes on a laptop: its freshly trained
+CNN sees a few hundred lesions and is a demonstration of the workflow, not a good model.
+The packaged default model (trained by ``scripts/make_default_model.sh`` on a larger
+simulated cohort) is scored beside it.
 
 Every step resumes: rerunning the demo in the same folder skips finished work.
 """
@@ -14,6 +20,7 @@ Every step resumes: rerunning the demo in the same folder skips finished work.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shlex
 import sys
 import time
@@ -30,17 +37,17 @@ class DemoPlan:
     train_subjects: int
     test_subjects: int
     voxel_size_mm: float
-    anatomy: str
+    sessions_mean: float
     folds: int
     epochs: int
     n_boot: int
     workers: int
 
 
-FULL = DemoPlan(train_subjects=14, test_subjects=12, voxel_size_mm=1.5, anatomy="mni",
-                folds=3, epochs=25, n_boot=1000, workers=2)
-QUICK = DemoPlan(train_subjects=6, test_subjects=6, voxel_size_mm=2.0, anatomy="mni",
-                 folds=2, epochs=8, n_boot=200, workers=2)
+FULL = DemoPlan(train_subjects=16, test_subjects=16, voxel_size_mm=1.5, sessions_mean=1.0,
+                folds=3, epochs=20, n_boot=1000, workers=2)
+QUICK = DemoPlan(train_subjects=6, test_subjects=6, voxel_size_mm=2.0, sessions_mean=1.0,
+                 folds=2, epochs=6, n_boot=200, workers=2)
 
 
 def add_parser(parser: argparse.ArgumentParser, name: str) -> None:
@@ -58,8 +65,20 @@ def add_parser(parser: argparse.ArgumentParser, name: str) -> None:
 def _steps(out: Path, plan: DemoPlan, *, seed: int, device: str) -> list[tuple[str, list[str]]]:
     vox = [str(plan.voxel_size_mm)] * 3
     train, test = out / "train", out / "test"
-    common_sim = ["--preset", "seed-study", "--voxel-size", *vox, "--anatomy", plan.anatomy,
+    # the simulation grid equals the output grid (fast); one scan per patient
+    common_sim = ["--preset", "seed-study", "--voxel-size", *vox, "--anatomy-voxel-size", *vox,
+                  "--set", f"MS.sessions_mean={plan.sessions_mean}",
+                  "--set", f"NMOSD.sessions_mean={plan.sessions_mean}",
                   "--workers", str(plan.workers), "--no-progress"]
+    predictions = [str(test / "predictions" / "predictions.tsv")]
+    default_step = []
+    if _default_model_installed():
+        predictions.append(str(test / "predictions-default" / "predictions.tsv"))
+        default_step = [
+            ("score the test cohort with the packaged default model",
+             ["predict", str(test / "bids"), str(test / "predictions-default"),
+              "--lesions", str(test / "bids" / "derivatives" / "lesions"),
+              "--qsm", str(test / "qsm"), "--device", device, "--no-review"])]
     return [
         ("simulate the training cohort",
          ["simulate", str(train / "bids"), "--subjects", str(plan.train_subjects),
@@ -82,19 +101,27 @@ def _steps(out: Path, plan: DemoPlan, *, seed: int, device: str) -> list[tuple[s
          ["predict", str(test / "bids"), str(test / "predictions"),
           "--lesions", str(test / "bids" / "derivatives" / "lesions"),
           "--qsm", str(test / "qsm"), "--model", str(out / "model"), "--device", device]),
+        *default_step,
         ("evaluate against readers, consensus and ground truth",
          ["evaluate", "--participants", str(test / "bids" / "participants.tsv"),
           "--lesions", str(test / "bids" / "derivatives" / "lesions" / "lesions.tsv"),
-          "--predictions", str(test / "predictions" / "predictions.tsv"),
+          "--predictions", *predictions,
           "--scored-only", "--n-boot", str(plan.n_boot),
           "--title", "qsmrim demo: held-out simulated cohort",
           "--out", str(out / "report")]),
     ]
 
 
-def _done(out: Path, index: int) -> bool:
-    """Whether step ``index`` finished in an earlier run (its marker exists)."""
-    return (out / ".demo" / f"step-{index}.done").exists()
+def _default_model_installed() -> bool:
+    from rimnet.predictor import default_model_dir
+
+    return (default_model_dir() / "config.json").is_file()
+
+
+def _marker(out: Path, argv: list[str]) -> Path:
+    """The file that records a finished step (named by the step's command)."""
+    digest = hashlib.sha1(shlex.join(argv).encode()).hexdigest()[:12]
+    return out / ".demo" / f"{argv[0]}-{digest}.done"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"qsmrim demo ({'quick' if args.quick else 'full'}) in {out}", flush=True)
     for i, (title, argv) in enumerate(steps, start=1):
         head = f"[{i}/{len(steps)}] {title}"
-        if _done(out, i):
+        marker = _marker(out, argv)
+        if marker.exists():
             print(f"{head}: done in an earlier run, skipped", flush=True)
             continue
         print(f"{head}\n      $ qsmrim {shlex.join(argv)}", flush=True)
@@ -120,7 +148,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"qsmrim demo: step {i} ({title}) failed with status {status}; fix the "
                   "error above and rerun the demo to resume from this step", file=sys.stderr)
             return status
-        marker = out / ".demo" / f"step-{i}.done"
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(shlex.join(argv) + "\n")
         print(f"      finished in {time.perf_counter() - t:.0f} s", flush=True)
