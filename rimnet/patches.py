@@ -1,7 +1,7 @@
 """Fixed-physical-size patches around lesions, and a disk cache of them for training.
 
 Every lesion gets a cube of ``patch_mm`` millimetres (default 32 mm) centred on its centroid,
-resampled to ``patch_voxels`` voxels a side (default 32, i.e. 1 mm spacing), whatever the voxel
+resampled to ``patch_voxels`` voxels a side (default 24, i.e. 1.33 mm spacing), whatever the voxel
 size of the scan (anisotropic voxels such as 0.9x0.9x2 mm are fine). The cube's axes are the
 array axes of the input volumes (no rotation to world space), so patch axis 2 is the slice axis
 of an axially acquired scan. Images are resampled trilinearly, masks by nearest neighbour.
@@ -53,6 +53,8 @@ __all__ = [
     "QSM_CLIP",
     "FLAIR_CLIP",
     "DEFAULT_CHANNELS",
+    "PATCH_MM",
+    "PATCH_VOXELS",
     "normalise_qsm",
     "flair_reference",
     "normalise_flair",
@@ -62,6 +64,11 @@ __all__ = [
     "build_patch_cache",
     "load_patch_cache",
 ]
+
+PATCH_MM = 32.0
+"""Default patch side (mm)."""
+PATCH_VOXELS = 24
+"""Default samples per side (32 mm at 1.33 mm: keeps 1-2 mm rims, 2.4x cheaper than 32)."""
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +217,7 @@ def _sample_nearest(vol: np.ndarray, coords: list[np.ndarray]) -> np.ndarray:
 
 def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
                     lesion_ids: Sequence[int] | None = None, *, voxel_size_mm,
-                    patch_mm: float = 32.0, patch_voxels: int = 32,
+                    patch_mm: float = PATCH_MM, patch_voxels: int = PATCH_VOXELS,
                     channels: Sequence[str] = DEFAULT_CHANNELS,
                     centroids_vox: np.ndarray | None = None,
                     brain_mask: np.ndarray | None = None,

@@ -17,6 +17,7 @@ from qsm_core.errors import InputError
 from qsm_core.io.atomic import write_json
 from rimnet.model import TTA_MODES
 from rimnet.network import ARCHS
+from rimnet.patches import PATCH_MM, PATCH_VOXELS
 
 __all__ = ["TrainConfig"]
 
@@ -84,8 +85,8 @@ class TrainConfig:
     """
 
     channels: list[str] = field(default_factory=lambda: ["qsm", "flair", "lesion", "others"])
-    patch_mm: float = 32.0
-    patch_voxels: int = 24
+    patch_mm: float = PATCH_MM
+    patch_voxels: int = PATCH_VOXELS
     arch: str = "fastresnet"
     net_channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     n_types: int = 0

@@ -6,7 +6,7 @@
                    [--min-long-axis-mm 3]
     qsmrim extract BIDS_DIR CACHE_DIR --lesions LESIONS_DIR [--qsm DERIV_DIR]
                    [--labels lesions.tsv] [--channels qsm flair lesion others]
-                   [--patch-mm 32] [--patch-voxels 32] [--dtype float32|float16]
+                   [--patch-mm 32] [--patch-voxels 24] [--dtype float32|float16]
                    [--participant-label L ...] [--overwrite]
 
 ``lesions`` writes, per scan, ``OUT_DIR/sub-L/[ses-S/]anat/<name>_desc-lesion_dseg.nii.gz``
@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from qsm_core.errors import InputError, QSMRimError
+from rimnet.patches import PATCH_MM, PATCH_VOXELS
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,10 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "lesions") -> None:
         parser.add_argument("--channels", nargs="+", metavar="NAME",
                             default=["qsm", "flair", "lesion", "others"],
                             help="patch channels (default: qsm flair lesion others)")
-        parser.add_argument("--patch-mm", type=float, default=32.0, metavar="MM",
-                            help="patch side in mm (default: 32)")
-        parser.add_argument("--patch-voxels", type=int, default=32, metavar="P",
-                            help="samples per side (default: 32)")
+        parser.add_argument("--patch-mm", type=float, default=PATCH_MM, metavar="MM",
+                            help=f"patch side in mm (default: {PATCH_MM:g})")
+        parser.add_argument("--patch-voxels", type=int, default=PATCH_VOXELS, metavar="P",
+                            help=f"samples per side (default: {PATCH_VOXELS}, as the CNN's)")
         parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                             help="storage type of patches.npy (default: float32)")
         parser.add_argument("--overwrite", action="store_true",
