@@ -1,7 +1,7 @@
 """Fixed-physical-size patches around lesions, and a disk cache of them for training.
 
 Every lesion gets a cube of ``patch_mm`` millimetres (default 32 mm) centred on its centroid,
-resampled to ``patch_voxels`` voxels a side (default 24, i.e. 1.33 mm spacing), whatever the voxel
+resampled to ``patch_voxels`` voxels a side (default 32, i.e. 1 mm spacing), whatever the voxel
 size of the scan (anisotropic voxels such as 0.9x0.9x2 mm are fine). The cube's axes are the
 array axes of the input volumes (no rotation to world space), so patch axis 2 is the slice axis
 of an axially acquired scan. Images are resampled trilinearly, masks by nearest neighbour.
@@ -67,8 +67,8 @@ __all__ = [
 
 PATCH_MM = 32.0
 """Default patch side (mm)."""
-PATCH_VOXELS = 24
-"""Default samples per side (32 mm at 1.33 mm: keeps 1-2 mm rims, 2.4x cheaper than 32)."""
+PATCH_VOXELS = 32
+"""Default samples per side (1 mm sampling: 1-2 mm rims stay sharp)."""
 
 log = logging.getLogger(__name__)
 

@@ -22,3 +22,4 @@ qsmrim extract "$work/bids" "$work/patches" --qsm "$work/qsm" \
   --labels "$work/bids/derivatives/lesions/lesions.tsv" --participant-label $labels
 qsmrim train --patches "$work/patches" --label-column truth_prl --folds 5 --seed 0 \
   --out "$model"
+# defaults used: resnet, 32 mm / 32 samples, 30 epochs, patience 10 (training/config.py)

@@ -31,8 +31,9 @@ class TrainConfig:
     channels : list of str
         Patch channels, in order (``qsm``, ``flair``, ``lesion``, ``others``, ``swi``).
     patch_mm, patch_voxels : float, int
-        Patch side (mm) and samples per side (default 32 mm at 24 samples, 1.33 mm: as
-        accurate as 1 mm sampling on synthetic rims and ~3x cheaper than 32 samples).
+        Patch side (mm) and samples per side (default 32 mm at 32 samples, 1 mm). On
+        simulated scans (429 lesions, 5-fold CV) 1 mm sampling with ``resnet`` reached an
+        out-of-fold ROC AUC of 0.71 where 24 samples with ``fastresnet`` reached 0.51.
     arch : str
         Network architecture (:data:`rimnet.network.ARCHS`).
     net_channels : list of int
@@ -87,7 +88,7 @@ class TrainConfig:
     channels: list[str] = field(default_factory=lambda: ["qsm", "flair", "lesion", "others"])
     patch_mm: float = PATCH_MM
     patch_voxels: int = PATCH_VOXELS
-    arch: str = "fastresnet"
+    arch: str = "resnet"
     net_channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     n_types: int = 0
     type_column: str | None = None
@@ -96,9 +97,9 @@ class TrainConfig:
     norm: str = "batch"
     label_column: str = "consensus"
     n_folds: int = 5
-    epochs: int = 20
+    epochs: int = 30
     min_epochs: int = 5
-    patience: int = 6
+    patience: int = 10
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4

@@ -8,7 +8,7 @@ Two sources of training patches:
 * a BIDS dataset with QSM derivatives and lesion maps::
 
     qsmrim train BIDS_DIR --qsm QSM_DERIV --lesions LESION_DERIV --labels lesions.tsv \
-        --label-column consensus --out MODEL_DIR [--folds 5] [--epochs 20] [--device cpu]
+        --label-column consensus --out MODEL_DIR [--folds 5] [--epochs 30] [--device cpu]
 
   which first builds a patch cache (``--cache``, default ``MODEL_DIR_patches``; reused when
   present).
@@ -66,11 +66,11 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "train") -> None:
     cfg.add_argument("--fold", type=int, nargs="+", metavar="K",
                      help="train only these folds (job arrays); calibration runs when all "
                           "folds exist")
-    cfg.add_argument("--epochs", type=int, help="maximum epochs per fold (default 20)")
-    cfg.add_argument("--patience", type=int, help="early-stopping patience (default 6)")
+    cfg.add_argument("--epochs", type=int, help="maximum epochs per fold (default 30)")
+    cfg.add_argument("--patience", type=int, help="early-stopping patience (default 10)")
     cfg.add_argument("--batch-size", type=int, help="global batch size (default 64)")
     cfg.add_argument("--lr", type=float, help="learning rate (default 2e-3)")
-    cfg.add_argument("--arch", help="network: fastresnet (default), resnet, convnet, densenet")
+    cfg.add_argument("--arch", help="network: resnet (default), fastresnet, convnet, densenet")
     cfg.add_argument("--tta", help="test-time augmentation: none (default), flip, d4, d4z")
     cfg.add_argument("--imbalance", help="pos_weight (default), sampler or none")
     cfg.add_argument("--patch-mm", type=float, help="patch side in mm (default 32)")

@@ -132,7 +132,7 @@ def test_train_bad_input(tmp_path, capsys):
     build_patch_cache(tmp_path / "cache", [(x, t)], patch_mm=16.0, patch_voxels=16)
     assert main(["train", "--patches", str(tmp_path / "cache"), "--out",
                  str(tmp_path / "m")]) == 2
-    assert "32.0 mm / 24" in capsys.readouterr().err
+    assert "16.0 mm / 16 voxels but the config asks for 32.0 mm / 32" in capsys.readouterr().err
     assert main(["train", "--patches", str(tmp_path / "cache"), "--out", str(tmp_path / "m"),
                  "--patch-mm", "16", "--patch-voxels", "16", "--label-column", "grade"]) == 2
     assert "no 'grade' column" in capsys.readouterr().err
