@@ -71,12 +71,15 @@ def _steps(out: Path, plan: DemoPlan, *, seed: int, device: str) -> list[tuple[s
                   "--set", f"NMOSD.sessions_mean={plan.sessions_mean}",
                   "--workers", str(plan.workers), "--no-progress"]
     predictions = [str(test / "predictions" / "predictions.tsv")]
+    scorers = ["cnn", "rule"]
     default_step = []
     if _default_model_installed():
-        predictions.append(str(test / "predictions-default" / "predictions.tsv"))
+        # its table's scorers are renamed after its folder: default_model_cnn
+        predictions.append(str(test / "default_model" / "predictions.tsv"))
+        scorers.append("default_model_cnn")
         default_step = [
             ("score the test cohort with the packaged default model",
-             ["predict", str(test / "bids"), str(test / "predictions-default"),
+             ["predict", str(test / "bids"), str(test / "default_model"),
               "--lesions", str(test / "bids" / "derivatives" / "lesions"),
               "--qsm", str(test / "qsm"), "--device", device, "--no-review"])]
     return [
@@ -106,7 +109,7 @@ def _steps(out: Path, plan: DemoPlan, *, seed: int, device: str) -> list[tuple[s
          ["evaluate", "--participants", str(test / "bids" / "participants.tsv"),
           "--lesions", str(test / "bids" / "derivatives" / "lesions" / "lesions.tsv"),
           "--predictions", *predictions,
-          "--scored-only", "--n-boot", str(plan.n_boot),
+          "--scorers", *scorers, "--scored-only", "--n-boot", str(plan.n_boot),
           "--title", "qsmrim demo: held-out simulated cohort",
           "--out", str(out / "report")]),
     ]
