@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text", "write_json"]
+__all__ = ["atomic_path", "write_text", "write_json", "json_default"]
 
 
 @contextlib.contextmanager
@@ -63,14 +63,16 @@ def write_text(path, text: str) -> Path:
     return Path(path)
 
 
+def json_default(o):
+    """``json.dumps(default=...)`` hook: numpy arrays/scalars to lists/numbers, paths to str."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
 def write_json(path, obj) -> Path:
     """Write ``obj`` as indented JSON atomically (numpy scalars are converted)."""
-
-    def default(o):
-        if hasattr(o, "tolist"):
-            return o.tolist()
-        if isinstance(o, Path):
-            return str(o)
-        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-    return write_text(path, json.dumps(obj, indent=2, default=default, allow_nan=False) + "\n")
+    return write_text(path, json.dumps(obj, indent=2, default=json_default, allow_nan=False)
+                      + "\n")

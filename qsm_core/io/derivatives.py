@@ -26,7 +26,7 @@ import numpy as np
 
 from qsm_core import __version__
 from qsm_core.errors import InputError
-from qsm_core.io.atomic import write_json
+from qsm_core.io.atomic import json_default, write_json
 from qsm_core.io.bids import normalise_label, parse_entities
 from qsm_core.io.nifti import save_nifti
 
@@ -114,15 +114,7 @@ def generated_by(parameters: dict | None = None) -> list[dict]:
 
 def _jsonable(obj):
     """Round-trip through JSON so that numpy values become plain Python values."""
-
-    def default(o):
-        if hasattr(o, "tolist"):
-            return o.tolist()
-        if isinstance(o, Path):
-            return str(o)
-        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-    return json.loads(json.dumps(obj, default=default, allow_nan=False))
+    return json.loads(json.dumps(obj, default=json_default, allow_nan=False))
 
 
 def _entity_prefix(participant_id, session_id, entities) -> tuple[str, str | None, str]:

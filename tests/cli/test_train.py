@@ -16,12 +16,7 @@ CFG = {"net_channels": [4, 8, 16, 16], "epochs": 2, "min_epochs": 1, "batch_size
        "lr": 1e-2, "tta": "none", "affine_prob": 0.0, "threads": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _write_config(tmp_path, **extra):

@@ -27,13 +27,7 @@ def _model(n_folds=2, seed=0, **kw):
     return RimCNN(nets, config=CONFIG, temperature=1.7, offset=-0.3, threshold=0.4, **kw)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest (and steadiest on a busy machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture

@@ -4,14 +4,7 @@ import torch
 from qsm_core.errors import InputError
 from rimnet.network import ARCHS, FoldEnsemble, build_ensemble, build_network, count_parameters
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest (and steadiest on a busy machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
