@@ -9,7 +9,8 @@ import numpy as np
 from qsm_core.dipole import dipole_kernel, padded_shape
 from qsm_core.errors import InputError
 
-__all__ = ["Grid", "prepare", "finish", "hermitian_scale", "REFERENCES"]
+__all__ = ["Grid", "prepare", "finish", "hermitian_scale", "REFERENCES",
+           "divide_in_kspace"]
 
 REFERENCES = ("mask_mean", "none")
 
@@ -161,3 +162,19 @@ def hermitian_scale(shape) -> np.ndarray:
     if shape[2] % 2 == 0:
         w[-1] = 1.0
     return np.sqrt(n / w).astype(np.float32)[None, None, :]
+
+
+def divide_in_kspace(grid: Grid, inverse_kernel: np.ndarray, *, device: str,
+                     reference: str) -> np.ndarray:
+    """Invert in k-space: IFFT(inverse_kernel * FFT(field)) on the padded grid, then finish.
+
+    The closed-form inversions (TKD, Tikhonov) differ only in ``inverse_kernel``
+    (shape of the rFFT spectrum, float32).
+    """
+    from qsm_core.inversion.backend import get_backend
+
+    bk = get_backend(device)
+    spec = bk.rfftn(bk.asarray(grid.field_ppm))
+    bk.mul_spec(spec, bk.kernel(inverse_kernel), out=spec)
+    chi = bk.to_numpy(bk.irfftn(spec, grid.shape))
+    return finish(chi, grid, reference=reference)

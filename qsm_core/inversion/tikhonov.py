@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from qsm_core.errors import InputError
-from qsm_core.inversion._common import finish, prepare
-from qsm_core.inversion.backend import get_backend
+from qsm_core.inversion._common import divide_in_kspace, prepare
 
 __all__ = ["tikhonov"]
 
@@ -42,10 +41,6 @@ def tikhonov(local_field_ppm, mask, *, voxel_size_mm, b0_dir, alpha: float = 0.0
         raise InputError(f"tikhonov: alpha must be a positive number, got {alpha!r}")
     grid = prepare(local_field_ppm, mask, voxel_size_mm=voxel_size_mm, b0_dir=b0_dir,
                    pad_voxels=pad_voxels, method="tikhonov")
-    bk = get_backend(device)
     d = grid.kernel()
-    kinv = bk.kernel(d / (d * d + np.float32(alpha)))
-    spec = bk.rfftn(bk.asarray(grid.field_ppm))
-    bk.mul_spec(spec, kinv, out=spec)
-    chi = bk.to_numpy(bk.irfftn(spec, grid.shape))
-    return finish(chi, grid, reference=reference)
+    return divide_in_kspace(grid, d / (d * d + np.float32(alpha)), device=device,
+                            reference=reference)

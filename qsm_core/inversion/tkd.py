@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from qsm_core.errors import InputError
-from qsm_core.inversion._common import finish, prepare
-from qsm_core.inversion.backend import get_backend
+from qsm_core.inversion._common import divide_in_kspace, prepare
 
 __all__ = ["tkd", "tkd_inverse_kernel"]
 
@@ -55,9 +54,5 @@ def tkd(local_field_ppm, mask, *, voxel_size_mm, b0_dir, threshold: float = 0.19
         raise InputError(f"tkd: threshold must be in (0, 1/3], got {threshold!r}")
     grid = prepare(local_field_ppm, mask, voxel_size_mm=voxel_size_mm, b0_dir=b0_dir,
                    pad_voxels=pad_voxels, method="tkd")
-    bk = get_backend(device)
-    kinv = bk.kernel(tkd_inverse_kernel(grid.kernel(), threshold))
-    spec = bk.rfftn(bk.asarray(grid.field_ppm))
-    bk.mul_spec(spec, kinv, out=spec)
-    chi = bk.to_numpy(bk.irfftn(spec, grid.shape))
-    return finish(chi, grid, reference=reference)
+    return divide_in_kspace(grid, tkd_inverse_kernel(grid.kernel(), threshold),
+                            device=device, reference=reference)
