@@ -62,6 +62,9 @@ def test_lesion_table_contents(seed_plan):
     assert prl.truth_rim_variant.isin(["complete", "layered"]).all()
     assert (prl.truth_rim_coverage >= 2 / 3).all()
     assert prl.truth_rim_chi_ppm.between(0.01, 0.06).all()
+    # PRLs are larger than rimless lesions (size-biased choice, room for a core)
+    rimless = df[(df.truth_prl == 0) & (df.diagnosis == "MS")]
+    assert prl.volume_mm3.median() > 1.3 * rimless.volume_mm3.median()
     inc = df[df.truth_rim_variant == "incomplete"]
     assert len(inc) and (inc.truth_rim_coverage < 2 / 3).all()
     assert set(df.truth_type) == {"iso", "hypo", "hyper", "hypo_rim", "rim"}
@@ -248,3 +251,20 @@ def test_scanner_presets_render(scanner, n_echoes):
     r = simulate_scan(plan, 0, 0)
     assert r.magnitude.shape[-1] == n_echoes == len(r.echo_times_s)
     assert np.all(np.isfinite(r.magnitude)) and np.abs(r.phase_rad).max() <= np.pi
+
+
+def test_rim_leaves_room_for_a_core():
+    from training.simulate.lesions import Lesion, with_rim_core
+    les = Lesion(lesion_id=1, centre_mm=np.zeros(3), rotation=np.eye(3),
+                 blobs=[(np.zeros(3), np.array([5.0, 2.0, 1.5]))], location="deep_wm",
+                 shape_seed=0)
+    wide, t = with_rim_core(les, 1.5, min_core_mm=1.5, min_thickness_mm=0.5)
+    np.testing.assert_allclose(wide.blobs[0][1], [5.0, 3.0, 3.0])  # minor axes widened
+    assert t == 1.5 and les.blobs[0][1][1] == 2.0  # the input is not modified
+    small = les.evolve(blobs=[(np.zeros(3), np.array([2.5, 2.0, 1.5]))])
+    thin, t = with_rim_core(small, 2.0, min_core_mm=1.5, min_thickness_mm=0.5)
+    assert t == 1.0  # rim thinned so a 1.5 mm core fits inside the 2.5 mm long semi-axis
+    np.testing.assert_allclose(thin.blobs[0][1], [2.5, 2.5, 2.5])  # never beyond the long one
+    big = les.evolve(blobs=[(np.zeros(3), np.array([6.0, 5.0, 4.0]))])
+    same, t = with_rim_core(big, 2.0, min_core_mm=1.5, min_thickness_mm=0.5)
+    assert same is big and t == 2.0

@@ -134,13 +134,18 @@ def _assign_prl_quota(g: GroupSpec, per_subject: list[list[Lesion]], rng) -> lis
         j = int(np.argmin(n_elig[prone]))
         prone[j] = rest.pop(0)
     propensity = rng.gamma(2.0, 1.0, size=n)
+    # within a patient, larger lesions are likelier to be chronic active (size bias)
+    size_w = [{les.lesion_id: les.nominal_volume_mm3 ** g.style.prl_size_bias for les in ls}
+              for ls in per_subject]
     pool, pool_w = [], []
     for i in prone:
-        ids = list(rng.permutation(elig[i]))
+        ids = np.asarray(elig[i])
+        w_i = np.array([size_w[i][lid] for lid in ids], float)
+        ids = list(ids[rng.choice(len(ids), size=len(ids), replace=False, p=w_i / w_i.sum())])
         out[i].add(int(ids[0]))
         for lid in ids[1:]:
             pool.append((i, int(lid)))
-            pool_w.append(propensity[i])
+            pool_w.append(propensity[i] * size_w[i][int(lid)])
     k = int(np.clip(n_les - n_pat, 0, len(pool)))
     if k < n_les - n_pat:
         log.warning("group %s: only %d lesions can carry rims, %d asked", g.diagnosis,

@@ -26,7 +26,8 @@ from training.simulate.anatomy import LABEL_IDS, Anatomy, placement_maps
 from training.simulate.veins import Vein, segment_distance_mm
 
 __all__ = ["Lesion", "QSM_TYPES", "RIM_VARIANTS", "LOCATIONS", "LesionStyle", "place_lesion",
-           "assign_type", "render_lesions", "lesion_veins", "infratentorial", "TYPE_CODES"]
+           "assign_type", "with_rim_core", "render_lesions", "lesion_veins", "infratentorial",
+           "TYPE_CODES"]
 
 QSM_TYPES = ("iso", "hypo", "hyper", "hypo_rim", "rim")
 TYPE_CODES = {t: i + 1 for i, t in enumerate(QSM_TYPES)}
@@ -121,6 +122,17 @@ class LesionStyle:
         Log-normal long axis (clipped to 3-20 mm).
     confluent_prob : float
         Probability that a lesion is a confluent union of 2-3 blobs.
+    prl_size_bias : float
+        PRLs are drawn among a patient's lesions with weights ``volume ** prl_size_bias``
+        (0: size-blind). Chronic active lesions are larger than rimless ones on average
+        (they expand slowly; Absinta et al. 2016, Dal-Bianco et al. 2017).
+    prl_min_core_mm : float
+        A paramagnetic rim surrounds a core (NAIMS: a rim *around* the lesion): the minor
+        semi-axes of a PRL's main blob are widened to at least ``rim thickness +
+        prl_min_core_mm`` (never beyond its long semi-axis, so its extent and spacing to
+        neighbours are unchanged), and the rim is thinned if the long semi-axis itself is
+        too short. Without this, 3-4 mm lesions get 2 mm "rims" that are the whole lesion
+        and no reader could tell from a uniformly paramagnetic lesion.
     """
 
     location_probs: dict = field(default_factory=lambda: {
@@ -133,6 +145,8 @@ class LesionStyle:
     vein_at_edge_prob: float = 0.15
     deposit_prob: float = 0.04
     near_deep_gm_prob: float = 0.05
+    prl_size_bias: float = 1.0
+    prl_min_core_mm: float = 1.5
 
 
 def _random_rotation(rng, axis=None):
@@ -280,6 +294,8 @@ def assign_type(les: Lesion, rng: np.random.Generator, *, prl: bool, type_probs:
     direction /= np.linalg.norm(direction)
     ch = {}
     if prl and les.location != "infratentorial":
+        les, thick = with_rim_core(les, thick, min_core_mm=style.prl_min_core_mm * scale,
+                                   min_thickness_mm=0.5 * rim_thickness_range_mm[0] * scale)
         ch = dict(qsm_type="rim", rim_variant="layered" if rng.random() < layered_prob
                   else "complete", rim_chi_ppm=rim_chi, rim_thickness_mm=thick,
                   rim_coverage=float(min(1.0, rng.uniform(0.72, 1.25))),
@@ -309,6 +325,31 @@ def assign_type(les: Lesion, rng: np.random.Generator, *, prl: bool, type_probs:
     les = les.evolve(rim_direction=direction, flair_ratio=float(rng.uniform(1.5, 2.2)),
                      r2star_core_delta_s=float(rng.uniform(-8.0, -3.0)), **ch)
     return add_confounders(les, rng, style=style, scale=scale)
+
+
+def with_rim_core(les: Lesion, thickness_mm: float, *, min_core_mm: float,
+                  min_thickness_mm: float) -> tuple[Lesion, float]:
+    """Make room for a core inside a rim of ``thickness_mm``.
+
+    The minor semi-axes of the main blob grow to ``thickness_mm + min_core_mm`` (capped at
+    the long semi-axis, so the lesion's extent does not change); if the long semi-axis is
+    shorter than that, the rim is thinned to ``long semi-axis - min_core_mm`` (not below
+    ``min_thickness_mm``).
+
+    Returns
+    -------
+    (Lesion, float)
+        The lesion with its widened main blob, and the rim thickness (mm).
+    """
+    off, semi = les.blobs[0]
+    semi = np.asarray(semi, float)
+    a = float(semi.max())
+    thick = float(max(min(thickness_mm, a - min_core_mm), min_thickness_mm))
+    need = min(thick + min_core_mm, a)
+    if np.all(semi >= need):
+        return les, thick
+    wider = np.maximum(semi, need)
+    return les.evolve(blobs=[(off, wider)] + list(les.blobs[1:])), thick
 
 
 def add_confounders(les: Lesion, rng, *, style: LesionStyle, scale: float = 1.0) -> Lesion:
