@@ -34,7 +34,7 @@ from torch import nn
 
 from qsm_core.errors import InputError
 from qsm_core.io.atomic import atomic_path, write_json
-from rimnet.network import build_network
+from rimnet.network import build_network, shared_shell_features
 
 __all__ = ["TTA_MODES", "RimCNN", "tta_views", "iter_tta_views", "n_tta_views",
            "ensemble_logits",
@@ -146,8 +146,10 @@ def ensemble_logits(nets: Sequence[nn.Module], patches, *, tta: str = "flip",
     n = len(patches)
     out = np.zeros(n, dtype=np.float64)
     types = None
+    order = _size_order(nets, patches, batch_size)
     for start in range(0, n, batch_size):
-        chunk = patches[start:start + batch_size]
+        rows = None if order is None else order[start:start + batch_size]
+        chunk = patches[start:start + batch_size] if rows is None else patches[rows]
         x = torch.as_tensor(np.asarray(chunk, dtype=np.float32) if not torch.is_tensor(chunk)
                             else chunk.float())
         # NaN/Inf propagate through a sum: one cheap reduction instead of an elementwise test
@@ -157,20 +159,40 @@ def ensemble_logits(nets: Sequence[nn.Module], patches, *, tta: str = "flip",
             raise InputError(f"patch {bad} has NaN/Inf values; check the QSM/FLAIR inputs")
         x = x.to(device)
         acc = None
+        # shell features are invariant to the views and shared by the folds: computed once
+        sh = shared_shell_features(nets, x)
         for view in iter_tta_views(x, tta):
             for net in nets:
-                y = net(view).float()
+                y = (net(view, sh) if sh is not None else net(view)).float()
                 acc = y if acc is None else acc + y
         acc = (acc / (v * len(nets))).cpu().double().numpy()
         b = acc.shape[0]
-        out[start:start + b] = acc[:, 0]
+        dst = slice(start, start + b) if rows is None else rows
+        out[dst] = acc[:, 0]
         if with_types and acc.shape[1] > 1:
             if types is None:
                 types = np.zeros((n, acc.shape[1] - 1))
-            types[start:start + b] = acc[:, 1:]
+            types[dst] = acc[:, 1:]
     if with_types:
         return out, (types if types is not None else np.zeros((n, 0)))
     return out
+
+
+def _size_order(nets, patches, batch_size: int):
+    """Patch order by lesion size when the nets compute shell features, else None.
+
+    Shell features are computed on the union bounding box of a batch's lesions, so batches
+    of similar sizes are cheaper; the scores do not depend on the order.
+    """
+    sh = getattr(nets[0], "shells", None) if len(nets) else None
+    n = len(patches)
+    if sh is None or n <= batch_size:
+        return None
+    ch = sh.lesion_channel
+    sizes = np.concatenate([
+        (np.asarray(patches[s:s + 1024][:, ch]) > 0.5).reshape(-1, int(np.prod(
+            np.shape(patches)[2:]))).sum(axis=1) for s in range(0, n, 1024)])
+    return np.argsort(sizes, kind="stable")
 
 
 def network_kwargs_from_config(config: dict) -> dict:
@@ -180,10 +202,31 @@ def network_kwargs_from_config(config: dict) -> dict:
                 "n_types": int(config.get("n_types", 0)), "arch": config["arch"],
                 "channels": tuple(config["net_channels"]),
                 "dropout": float(config.get("dropout", 0.0)),
-                "norm": config.get("norm", "batch")}
+                "norm": config.get("norm", "batch"),
+                "shell_channels": shell_channels_from_config(config),
+                "centre_qsm": bool(config.get("centre_qsm", False))}
     except (KeyError, TypeError) as exc:
         raise InputError(f"model config lacks network settings ({exc}); it must name "
                          "'channels', 'arch' and 'net_channels'") from None
+
+
+def shell_channels_from_config(config: dict) -> dict | None:
+    """Channel indices for :class:`rimnet.shells.ShellFeatures`, or None.
+
+    None when the model has no shell features (``config["shell_features"]`` false or absent,
+    as in models trained before shell features existed).
+    """
+    if not config.get("shell_features", False):
+        return None
+    names = list(config["channels"])
+    missing = [c for c in ("qsm", "lesion") if c not in names]
+    if missing:
+        raise InputError(f"shell features need the channels {missing}; the model's channels "
+                         f"are {names}")
+    out = {"qsm": names.index("qsm"), "lesion": names.index("lesion")}
+    if "others" in names:
+        out["others"] = names.index("others")
+    return out
 
 
 def load_state_dict_file(path, *, device="cpu") -> dict:

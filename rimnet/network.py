@@ -38,9 +38,10 @@ from monai.networks.nets import DenseNet, ResNet
 from torch import nn
 
 from qsm_core.errors import InputError
+from rimnet.shells import ShellFeatures
 
 __all__ = ["ARCHS", "RimNet", "FoldEnsemble", "build_network", "build_ensemble",
-           "count_parameters"]
+           "count_parameters", "shared_shell_features"]
 
 ARCHS = ("resnet", "fastresnet", "convnet", "densenet")
 DEFAULT_WIDTHS = {"resnet": (8, 16, 32, 64), "fastresnet": (8, 16, 32, 64),
@@ -62,19 +63,51 @@ class RimNet(nn.Module):
         Outputs of the optional lesion-type head (0: no second head).
     dropout : float
         Dropout before the heads (training only).
+    shells : ShellFeatures, optional
+        Lesion-edge shell features (:mod:`rimnet.shells`) computed from the input and fused
+        into the heads, QSMRim-Net style: batch-normalised, both directly and through a
+        small ReLU layer of ``shell_width`` units.
+    centre_qsm : bool
+        With ``shells``: subtract each patch's normal-appearing ring mean from its QSM
+        channel before the trunk (invariance to the offsets background removal leaves).
     """
 
     def __init__(self, trunk: nn.Module, n_features: int, *, out_channels: int = 1,
-                 n_types: int = 0, dropout: float = 0.0):
+                 n_types: int = 0, dropout: float = 0.0, shells: ShellFeatures | None = None,
+                 centre_qsm: bool = False, shell_width: int = 16):
         super().__init__()
         self.trunk = trunk
+        self.shells = shells
+        self.centre_qsm = bool(centre_qsm and shells is not None)
+        n_head = n_features
+        if shells is not None:
+            self.shell_norm = nn.BatchNorm1d(shells.n_features)
+            self.shell_mlp = nn.Sequential(nn.Linear(shells.n_features, shell_width), nn.ReLU())
+            n_head += shells.n_features + shell_width
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.rim_head = nn.Linear(n_features, out_channels)
-        self.type_head = nn.Linear(n_features, n_types) if n_types > 0 else None
+        self.rim_head = nn.Linear(n_head, out_channels)
+        self.type_head = nn.Linear(n_head, n_types) if n_types > 0 else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits, shape (N, out_channels + n_types)."""
-        f = self.dropout(self.trunk(x).flatten(1))
+    def forward(self, x: torch.Tensor,
+                shell_features: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """Logits, shape (N, out_channels + n_types).
+
+        ``shell_features``: the ``(features, reference)`` pair of ``self.shells(x)`` when the
+        caller has it already (it is the same for every fold network and for every flip or
+        90-degree rotation of ``x``, so an ensemble computes it once).
+        """
+        if self.shells is None:
+            f = self.trunk(x).flatten(1)
+        else:
+            s, ref = self.shells(x) if shell_features is None else shell_features
+            if self.centre_qsm:  # QSM relative to the normal-appearing ring around the lesion
+                qc = self.shells.qsm_channel
+                x = torch.cat([x[:, :qc], x[:, qc:qc + 1] - ref[:, None, None, None, None],
+                               x[:, qc + 1:]], dim=1)
+            s = self.shell_norm(s)
+            f = torch.cat([self.trunk(x).flatten(1), s, self.shell_mlp(s)], dim=1)
+        f = self.dropout(f)
         out = self.rim_head(f)
         if self.type_head is not None:
             out = torch.cat([out, self.type_head(f)], dim=1)
@@ -114,7 +147,8 @@ def _check_widths(arch: str, channels: Sequence[int] | None) -> tuple[int, ...]:
 def build_network(*, spatial_dims: int = 3, in_channels: int, out_channels: int = 1,
                   n_types: int = 0, arch: str = "resnet",
                   channels: Sequence[int] | None = None, dropout: float = 0.0,
-                  norm: str = "batch") -> RimNet:
+                  norm: str = "batch", shell_channels: dict | None = None,
+                  centre_qsm: bool = True) -> RimNet:
     """Build a rim classifier from MONAI parts.
 
     Parameters
@@ -135,6 +169,12 @@ def build_network(*, spatial_dims: int = 3, in_channels: int, out_channels: int 
     norm : str
         MONAI normalisation name for ``convnet`` and ``resnet`` (``"batch"``,
         ``"instance"``).
+    shell_channels : dict, optional
+        ``{"qsm": i, "lesion": j[, "others": k]}``: channel indices for the lesion-edge
+        shell features (:class:`rimnet.shells.ShellFeatures`) fused into the heads; None:
+        image features only.
+    centre_qsm : bool
+        With ``shell_channels``: centre the QSM channel on the ring around the lesion.
 
     Returns
     -------
@@ -190,8 +230,20 @@ def build_network(*, spatial_dims: int = 3, in_channels: int, out_channels: int 
                          bn_size=2)
         trunk = _DenseTrunk(dense)
         n_features = trunk.n_features
+    shells = None
+    if shell_channels is not None:
+        try:
+            shells = ShellFeatures(qsm_channel=shell_channels["qsm"],
+                                   lesion_channel=shell_channels["lesion"],
+                                   others_channel=shell_channels.get("others"))
+        except KeyError as exc:
+            raise InputError(f"shell features need the {exc} channel; the patches must "
+                             "hold 'qsm' and 'lesion' channels") from None
+        if max(shell_channels.values()) >= in_channels:
+            raise InputError(f"shell channel indices {shell_channels} exceed the "
+                             f"{in_channels} input channels")
     return RimNet(trunk, n_features, out_channels=out_channels, n_types=n_types,
-                  dropout=dropout)
+                  dropout=dropout, shells=shells, centre_qsm=centre_qsm)
 
 
 class FoldEnsemble(nn.Module):
@@ -224,8 +276,29 @@ class FoldEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated rim logits, shape (N, 1)."""
-        logits = torch.stack([net(x)[:, 0] for net in self.nets], dim=0).mean(dim=0)
+        sh = shared_shell_features(self.nets, x)
+        logits = torch.stack([net(x, sh)[:, 0] if sh is not None else net(x)[:, 0]
+                              for net in self.nets], dim=0).mean(dim=0)
         return ((logits + self.offset) / self.temperature)[:, None]
+
+
+def shared_shell_features(nets: Sequence[nn.Module], x: torch.Tensor):
+    """Shell features of ``x`` to share among ``nets``, or None.
+
+    ``nets[0].shells(x)`` when every net is a :class:`RimNet` with identical shell settings
+    (then all can reuse it); None otherwise.
+    """
+    first = getattr(nets[0], "shells", None) if nets else None
+    if first is None:
+        return None
+    key = (first.qsm_channel, first.lesion_channel, first.others_channel, first.clip,
+           first.positive)
+    for net in nets:
+        sh = getattr(net, "shells", None)
+        if sh is None or (sh.qsm_channel, sh.lesion_channel, sh.others_channel, sh.clip,
+                          sh.positive) != key:
+            return None
+    return first(x)
 
 
 def build_ensemble(*, n_folds: int, temperature: float = 1.0, offset: float = 0.0,

@@ -48,6 +48,11 @@ class TrainConfig:
         Dropout before the heads.
     norm : str
         Normalisation layers (``batch`` or ``instance``).
+    shell_features : bool
+        Fuse the lesion-edge shell features of :mod:`rimnet.shells` into the network's head
+        (QSMRim-Net-style radiomics; needs ``qsm`` and ``lesion`` channels).
+    centre_qsm : bool
+        With ``shell_features``: the trunk sees QSM relative to the ring around the lesion.
     label_column : str
         Table column with the 0/1 rim label (``consensus``, ``truth_prl``, ``reader_1`` ...).
     n_folds : int
@@ -95,6 +100,8 @@ class TrainConfig:
     type_weight: float = 0.3
     dropout: float = 0.1
     norm: str = "batch"
+    shell_features: bool = True
+    centre_qsm: bool = True
     label_column: str = "consensus"
     n_folds: int = 5
     epochs: int = 30

@@ -34,6 +34,7 @@ _OVERRIDES = {  # CLI option -> TrainConfig field
     "arch": "arch", "batch_size": "batch_size", "lr": "lr", "tta": "tta",
     "threads": "threads", "patience": "patience", "label_column": "label_column",
     "patch_mm": "patch_mm", "patch_voxels": "patch_voxels", "n_types": "n_types",
+    "shell_features": "shell_features",
     "type_column": "type_column", "imbalance": "imbalance", "num_workers": "num_workers",
 }
 
@@ -74,7 +75,10 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "train") -> None:
     cfg.add_argument("--tta", help="test-time augmentation: none (default), flip, d4, d4z")
     cfg.add_argument("--imbalance", help="pos_weight (default), sampler or none")
     cfg.add_argument("--patch-mm", type=float, help="patch side in mm (default 32)")
-    cfg.add_argument("--patch-voxels", type=int, help="patch samples per side (default 24)")
+    cfg.add_argument("--patch-voxels", type=int, help="patch samples per side (default 32)")
+    cfg.add_argument("--no-shell-features", dest="shell_features", action="store_false",
+                     default=None, help="image features only (no lesion-edge shell features "
+                     "fused into the head)")
     cfg.add_argument("--n-types", type=int, help="outputs of the lesion-type head (0: none)")
     cfg.add_argument("--type-column", help="table column with the lesion type")
     cfg.add_argument("--seed", type=int, help="random seed (default 0)")
