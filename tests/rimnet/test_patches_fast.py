@@ -1,0 +1,85 @@
+"""The batched on-grid patch path and the fast median give exactly the reference results."""
+
+import numpy as np
+import pytest
+
+import rimnet.patches as patches
+from rimnet.patches import extract_patches, flair_reference, lesion_centroids_vox
+
+
+def _scan(rng, shape=(60, 64, 56), n=14, dtype=np.float32):
+    chi = rng.normal(-0.02, 0.05, shape).astype(dtype)
+    chi[rng.random(shape) < 0.001] = 0.9  # clipped values
+    flair = rng.gamma(4.0, 25.0, shape).astype(dtype)
+    labels = np.zeros(shape, np.int32)
+    g = np.indices(shape, dtype=float)
+    for k in range(1, n + 1):
+        # some lesions close to the volume edge, where the per-lesion path takes over
+        c = [rng.uniform(1, s - 2) if k % 4 == 0 else rng.uniform(17, s - 18) for s in shape]
+        r = rng.uniform(1.0, 4.0, 3)
+        m = sum(((g[a] - c[a]) / r[a]) ** 2 for a in range(3)) <= 1
+        labels[m & (labels == 0)] = 3 * k  # non-consecutive labels
+    ids = [int(i) for i in np.unique(labels) if i > 0]
+    return chi, flair, labels, ids
+
+
+def _reference_path(monkeypatch):
+    monkeypatch.setattr(patches, "_on_grid_lesions",
+                        lambda cents, *a, **k: np.zeros(len(cents), bool))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("geometry", [
+    ((1.0, 1.0, 1.0), 32.0, 32, ("qsm", "flair", "lesion", "others")),
+    ((1.0, 1.0, 1.0), 16.0, 16, ("lesion", "others", "flair", "qsm")),
+    ((0.5, 0.5, 0.5), 12.0, 24, ("qsm", "lesion")),
+    ((0.9, 0.9, 2.0), 32.0, 32, ("qsm", "flair", "lesion", "others")),  # off-grid: reference
+])
+def test_batched_path_equals_per_lesion_path_bit_for_bit(rng, monkeypatch, dtype, geometry):
+    vs, patch_mm, p, channels = geometry
+    chi, flair, labels, ids = _scan(rng, dtype=dtype)
+    cents = lesion_centroids_vox(labels, ids)
+    cents[::3] = np.round(cents[::3])  # integer centres: zero interpolation weights
+    cents[1::5] = np.floor(cents[1::5]) + 0.5
+    kw = dict(voxel_size_mm=vs, patch_mm=patch_mm, patch_voxels=p, channels=channels,
+              centroids_vox=cents)
+    on_grid = patches._on_grid_lesions(cents, labels.shape, voxel_size_mm=np.asarray(vs),
+                                       patch_mm=patch_mm, patch_voxels=p)
+    fast = extract_patches({"qsm": chi, "flair": flair}, labels, ids, **kw)
+    _reference_path(monkeypatch)
+    ref = extract_patches({"qsm": chi, "flair": flair}, labels, ids, **kw)
+    np.testing.assert_array_equal(fast, ref)
+    if vs[2] == 2.0:
+        assert not on_grid.any()
+    else:  # both paths were exercised
+        assert 0 < on_grid.sum() < len(ids)
+
+
+def test_nan_near_a_lesion_is_still_refused(rng):
+    chi, flair, labels, ids = _scan(rng)
+    cents = lesion_centroids_vox(labels, ids)
+    i, j, k = np.round(cents[1]).astype(int)
+    chi[i, j, k] = np.nan
+    with pytest.raises(Exception, match="NaN"):
+        extract_patches({"qsm": chi}, labels, ids, voxel_size_mm=(1, 1, 1),
+                        channels=("qsm", "lesion"), centroids_vox=cents)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 10, 1001, 2_000_000])
+def test_median_is_numpys(rng, n):
+    for v in (rng.normal(100, 5, n).astype(np.float32), np.round(rng.normal(0, 3, n)),
+              rng.integers(0, 9, n).astype(np.int16)):
+        a, b = patches._median(v), np.median(v)
+        assert a == b and type(a) is type(b)
+
+
+def test_flair_reference_unchanged(rng):
+    flair = rng.gamma(4.0, 25.0, (120, 100, 90)).astype(np.float32)  # 1.08 M voxels
+    labels = (rng.random(flair.shape) < 0.02).astype(np.int32)
+    brain = rng.random(flair.shape) < 0.97
+    sel = brain & (labels == 0)
+    vals = flair[sel]
+    expected = float(np.median(vals[:: vals.size // 500_000]))
+    assert flair_reference(flair, lesion_labels=labels, brain_mask=brain) == expected
+    assert flair_reference(flair, lesion_labels=labels,
+                           brain_mask=brain.astype(np.uint8)) == expected
