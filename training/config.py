@@ -71,7 +71,8 @@ class TrainConfig:
         ``pos_weight`` (BCE weight sqrt(n_neg/n_pos) on positives, undone by the
         calibration offset), ``sampler`` (class-balanced sampling with replacement; one
         process only) or ``none``.
-    flip_prob, rot90_prob, affine_prob, intensity_prob, gain, offset, noise_std : float
+    flip_prob, rot90_prob, affine_prob, intensity_prob, gain, offset, noise_std,
+    slice_blur_prob : float
         Augmentation (see :func:`rimnet.transforms.build_train_transforms`).
     tta : str
         Test-time augmentation of the out-of-fold predictions and the model's default for
@@ -118,6 +119,7 @@ class TrainConfig:
     gain: float = 1.3
     offset: float = 0.05
     noise_std: float = 0.05
+    slice_blur_prob: float = 0.25
     tta: str = "none"
     threshold_rule: str = "kappa"
     seed: int = 0
@@ -159,6 +161,10 @@ class TrainConfig:
             bad("n_types", "needs a type_column (and must be >= 0)")
         if not self.patch_mm > 0:
             bad("patch_mm", "must be > 0")
+        for name in ("flip_prob", "rot90_prob", "affine_prob", "intensity_prob",
+                     "slice_blur_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                bad(name, "must be a probability in [0, 1]")
         return self
 
     def to_dict(self) -> dict:

@@ -328,7 +328,7 @@ def _train_fold(k: int, patches, labels, types, train_idx, val_idx, *, config: T
         channel_names=config.channels, flip_prob=config.flip_prob,
         rot90_prob=config.rot90_prob, affine_prob=config.affine_prob,
         intensity_prob=config.intensity_prob, gain=config.gain, offset=config.offset,
-        noise_std=config.noise_std, seed=seed)
+        noise_std=config.noise_std, slice_blur_prob=config.slice_blur_prob, seed=seed)
     ds = _PatchDataset(patches, train_idx, labels, types, transform)
     pw = torch.tensor(pos_weight if config.imbalance == "pos_weight" else 1.0, device=device)
     rim_loss = nn.BCEWithLogitsLoss(pos_weight=pw)

@@ -117,3 +117,18 @@ def test_models_without_the_setting_load_as_image_only():
     assert network_kwargs_from_config(cfg)["shell_channels"] is None
     kw = network_kwargs_from_config({**cfg, "shell_features": True, "centre_qsm": True})
     assert kw["shell_channels"] == {"qsm": 0, "lesion": 2, "others": 3} and kw["centre_qsm"]
+
+
+def test_slice_blur_acts_on_image_channels_along_axis_2_only(rng):
+    from rimnet.transforms import RandSliceBlurd
+
+    img = np.zeros((4, 8, 8, 16), np.float32)
+    img[0, :, :, 8] = 1.0  # a one-slice-thick sheet of QSM
+    img[2, 2:6, 2:6, 6:10] = 1.0  # lesion mask
+    t = RandSliceBlurd(keys="image", channels=(0, 1), prob=1.0, max_sigma=0.8)
+    t.set_random_state(seed=3)
+    out = t({"image": torch.as_tensor(img)})["image"].numpy()
+    np.testing.assert_allclose(out[0].sum(axis=2), img[0].sum(axis=2), rtol=1e-5)  # mass kept
+    assert out[0, 0, 0, 8] < 1.0 and out[0, 0, 0, 7] > 0.0  # spread across slices
+    np.testing.assert_allclose(out[0][:, :, 8], out[0][0, 0, 8])  # not in-plane
+    np.testing.assert_array_equal(out[2], img[2])  # masks untouched
