@@ -88,7 +88,7 @@ def normalise_qsm(chi_ppm: np.ndarray, *, out: np.ndarray | None = None) -> np.n
 
     Examples
     --------
-    >>> normalise_qsm(np.array([0.05, -0.02, 0.9])).tolist()
+    >>> [round(float(v), 3) for v in normalise_qsm(np.array([0.05, -0.02, 0.9]))]
     [0.5, -0.2, 5.0]
     """
     x = np.asarray(chi_ppm, dtype=np.float32)

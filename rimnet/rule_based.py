@@ -47,13 +47,15 @@ with ``patch_shape=(C, P, P, P)``.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from qsm_core.errors import InputError
-from rimnet.patches import DEFAULT_CHANNELS, QSM_SCALE
+from rimnet.patches import DEFAULT_CHANNELS, QSM_SCALE, _median
 
 __all__ = ["RuleBasedRimDetector", "rim_features", "truncated_edt", "FEATURE_NAMES"]
 
@@ -107,6 +109,134 @@ def _dilate_cube(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def _sq_dist_vox(mask: np.ndarray, t_max: int, big: int, dtype) -> np.ndarray:
+    """Squared distance, in voxels, to the nearest ``True`` voxel, as integers.
+
+    The integer twin of :func:`truncated_edt`: the same separable min-plus passes over the
+    same candidates (offsets of at most ``t_max`` voxels along each axis), ``big`` where
+    there is none.
+    """
+    d2 = np.where(mask, dtype(0), dtype(big))
+    for axis in range(d2.ndim):
+        # the pass axis first in memory: every slice below is a run of whole planes
+        src = np.ascontiguousarray(np.moveaxis(d2, axis, 0))
+        out = src.copy()
+        tmp = np.empty_like(src)
+        for t in range(1, min(t_max, src.shape[0] - 1) + 1):
+            w = dtype(t * t)
+            np.add(src[:-t], w, out=tmp[:-t])
+            np.minimum(out[t:], tmp[:-t], out=out[t:])
+            np.add(src[t:], w, out=tmp[t:])
+            np.minimum(out[:-t], tmp[t:], out=out[:-t])
+        d2 = np.moveaxis(out, 0, axis)
+    return d2
+
+
+@functools.lru_cache(maxsize=64)
+def _integer_cutoffs(spacing_mm: float, t_max: int, tests: tuple) -> tuple | None:
+    """Integer squared-distance cutoffs equivalent to threshold tests on truncated_edt.
+
+    ``tests`` holds ``(op, threshold_mm)`` pairs, ``op`` in ``"le"``/``"gt"``. For every
+    candidate offset ``(a, b, c)`` (each at most ``t_max``), the distance
+    :func:`truncated_edt` reports is ``sqrt(float32((w_a + w_b) + w_c))`` with
+    ``w_t = float32((t * spacing_mm) ** 2)``; a test on it is decided by the squared voxel
+    distance ``n = a^2 + b^2 + c^2`` alone when every offset with the same ``n`` gives the
+    same answer and the float32 distances of different ``n`` keep their order. Returns, per
+    test, the largest ``n`` passing a ``le`` test / the largest failing a ``gt`` test (-1:
+    none), or None when some test is not decided by ``n`` (the float32 path is then used).
+    """
+    t = np.arange(t_max + 1)
+    w = np.array([np.float32((int(k) * spacing_mm) ** 2) for k in t], np.float32)
+    a, b, c = np.meshgrid(t, t, t, indexing="ij")
+    n = (a * a + b * b + c * c).ravel()
+    d = np.sqrt((w[a] + w[b]) + w[c]).ravel().astype(np.float32)
+    order = np.argsort(n, kind="stable")
+    n, d = n[order], d[order]
+    uniq, first = np.unique(n, return_index=True)
+    last = np.r_[first[1:], n.size] - 1
+    lo, hi = d[first], d[last]
+    for k in range(uniq.size):  # same-n values: min..max
+        lo[k], hi[k] = d[first[k]:last[k] + 1].min(), d[first[k]:last[k] + 1].max()
+    if np.any(hi[:-1] >= lo[1:]):
+        return None
+    out = []
+    for op, thr in tests:
+        lo_pass = (lo <= thr) if op == "le" else (lo > thr)
+        hi_pass = (hi <= thr) if op == "le" else (hi > thr)
+        if np.any(lo_pass != hi_pass):
+            return None
+        # both tests are monotone in n: "le" passes up to a cutoff, "gt" fails up to one
+        keep = lo_pass if op == "le" else ~lo_pass
+        cut = int(uniq[keep].max()) if keep.any() else -1
+        if not np.array_equal(keep, uniq <= cut):
+            return None
+        out.append(cut)
+    return tuple(out)
+
+
+_FAST_DISTANCES = True
+"""Decide the distance tests of :func:`rim_features` on integer squared distances when
+:func:`_integer_cutoffs` shows it gives the float32 answers (False: always float32)."""
+
+
+def _bounds(mask: np.ndarray) -> list[tuple[int, int]]:
+    """First and last index of the ``True`` voxels along each axis (mask not empty)."""
+    out = []
+    for a in range(mask.ndim):
+        idx = np.flatnonzero(mask.any(axis=tuple(b for b in range(mask.ndim) if b != a)))
+        out.append((int(idx[0]), int(idx[-1])))
+    return out
+
+
+def _distance_regions(les: np.ndarray, *, spacing_mm: float, reach_mm: float,
+                      depth_mm: float, inner_mm: float, outer_mm: float,
+                      nawm_inner_mm: float, nawm_outer_mm: float, rim_outer_mm: float,
+                      vein_mm: float) -> tuple[np.ndarray, ...]:
+    """The distance tests of :func:`rim_features` on a cropped lesion mask.
+
+    With ``d_out`` = :func:`truncated_edt` of ``les`` up to ``reach_mm`` and ``d_in`` that of
+    ``~les`` up to ``depth_mm``, returns the boolean maps ``les & (d_in <= inner_mm)``,
+    ``d_out <= outer_mm``, ``(d_out > nawm_inner_mm) & (d_out <= nawm_outer_mm)``,
+    ``d_out > rim_outer_mm`` and ``d_out > vein_mm``. Computed exactly so, or -- the same
+    maps, faster -- from integer squared distances (``d_in`` on the lesion's bounding box
+    plus one voxel, which holds the nearest non-lesion voxel of every lesion voxel).
+    """
+    t_in = int(np.floor(depth_mm / spacing_mm))
+    # Every test compares with a threshold <= t_out voxels: a distance within it has all its
+    # offsets within it, one beyond it stays beyond it with fewer candidates. So fewer
+    # offsets than the float32 path's reach_mm give the same maps.
+    t_out = int(np.floor(max(outer_mm, nawm_inner_mm, nawm_outer_mm, rim_outer_mm, vein_mm)
+                         / spacing_mm))
+    cut_out = cut_in = None
+    if _FAST_DISTANCES and t_out * spacing_mm <= reach_mm:
+        cut_out = _integer_cutoffs(float(spacing_mm), t_out, (
+            ("le", float(outer_mm)), ("gt", float(nawm_inner_mm)), ("le", float(nawm_outer_mm)),
+            ("gt", float(rim_outer_mm)), ("gt", float(vein_mm))))
+        cut_in = _integer_cutoffs(float(spacing_mm), t_in, (("le", float(inner_mm)),))
+    if cut_out is None or cut_in is None:
+        d_out = truncated_edt(les, spacing_mm=spacing_mm, max_mm=reach_mm)
+        d_in = truncated_edt(~les, spacing_mm=spacing_mm, max_mm=depth_mm)
+        return (les & (d_in <= inner_mm), d_out <= outer_mm,
+                (d_out > nawm_inner_mm) & (d_out <= nawm_outer_mm), d_out > rim_outer_mm,
+                d_out > vein_mm)
+    n_out = _sq_dist_vox(les, t_out, *_int_kind(t_out))
+    c_le, c_nawm_in, c_nawm_out, c_rim, c_vein = cut_out
+    crop = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in _bounds(les))
+    les_c = les[crop]
+    n_in = _sq_dist_vox(~les_c, t_in, *_int_kind(t_in))
+    inner = np.zeros_like(les)
+    inner[crop] = les_c & (n_in <= cut_in[0])
+    return (inner, n_out <= c_le, (n_out > c_nawm_in) & (n_out <= c_nawm_out), n_out > c_rim,
+            n_out > c_vein)
+
+
+def _int_kind(t_max: int) -> tuple[int, type]:
+    """Sentinel and dtype for :func:`_sq_dist_vox` with offsets up to ``t_max``."""
+    if 3 * t_max * t_max < 200 and 200 + t_max * t_max <= 255:
+        return 200, np.uint8
+    return 4 * t_max * t_max + 1, np.int32
+
+
 def _empty_features() -> dict:
     return {"run_coverage": 0.0, "max_coverage": 0.0, "rim_minus_core_ppm": 0.0,
             "rim_minus_nawm_ppm": 0.0, "nawm_ppm": 0.0, "n_slices": 0, "n_vein_voxels": 0,
@@ -146,27 +276,31 @@ def rim_features(chi_ppm: np.ndarray, lesion: np.ndarray, others: np.ndarray | N
     oth = (np.asarray(others) > 0.5) if others is not None else np.zeros_like(les)
     # Crop to the lesion's bounding box plus the NAWM ring.
     pad = int(np.ceil(max(nawm_outer_mm, vein_reach_mm + rim_outer_mm) / spacing_mm)) + 2
-    nz = np.nonzero(les)
-    box = tuple(slice(max(int(ix.min()) - pad, 0), min(int(ix.max()) + pad + 1, les.shape[a]))
-                for a, ix in enumerate(nz))
+    box = tuple(slice(max(lo - pad, 0), min(hi + pad + 1, les.shape[a]))
+                for a, (lo, hi) in enumerate(_bounds(les)))
     les, oth = les[box], oth[box] & ~les[box]
     chi = np.asarray(chi_ppm, dtype=np.float32)[box]
     if slice_axis != 2:
         les, oth, chi = (np.moveaxis(a, slice_axis, 2) for a in (les, oth, chi))
 
-    reach_mm = max(nawm_outer_mm, rim_outer_mm + vein_reach_mm) + spacing_mm
-    d_out = truncated_edt(les, spacing_mm=spacing_mm, max_mm=reach_mm)
-    d_in = truncated_edt(~les, spacing_mm=spacing_mm, max_mm=rim_inner_mm + spacing_mm)
-    free = ~oth
     # bands are at least one voxel thick, whatever the patch spacing
-    inner = les & (d_in <= max(rim_inner_mm, spacing_mm * 1.001)) & free
-    outer = ~les & (d_out <= max(rim_outer_mm, spacing_mm * 1.001)) & free
+    in_d, out_d, ring_d, beyond_d, far_d = _distance_regions(
+        les, spacing_mm=spacing_mm,
+        reach_mm=max(nawm_outer_mm, rim_outer_mm + vein_reach_mm) + spacing_mm,
+        depth_mm=rim_inner_mm + spacing_mm, inner_mm=max(rim_inner_mm, spacing_mm * 1.001),
+        outer_mm=max(rim_outer_mm, spacing_mm * 1.001), nawm_inner_mm=nawm_inner_mm,
+        nawm_outer_mm=nawm_outer_mm, rim_outer_mm=rim_outer_mm,
+        vein_mm=rim_outer_mm + vein_reach_mm)
+    free = ~oth
+    outside = ~les & free
+    inner = in_d & free
+    outer = outside & out_d
     band = inner | outer
     core = les & ~inner & ~oth
-    ring = ~les & free & (d_out > nawm_inner_mm) & (d_out <= nawm_outer_mm)
+    ring = outside & ring_d
     if not ring.any():
-        ring = ~les & free & (d_out > rim_outer_mm)
-    nawm = float(np.median(chi[ring])) if ring.any() else 0.0
+        ring = outside & beyond_d
+    nawm = float(_median(chi[ring])) if ring.any() else 0.0
     con = chi - nawm
 
     # Vein suppression: bright connected structures reaching far beyond the lesion.
@@ -175,14 +309,14 @@ def rim_features(chi_ppm: np.ndarray, lesion: np.ndarray, others: np.ndarray | N
     if bright.any():
         comp, n = ndimage.label(bright, structure=_STRUCT26)
         if n:
-            reach = ndimage.maximum(d_out, comp, index=np.arange(1, n + 1))
-            veins = np.flatnonzero(np.asarray(reach) > rim_outer_mm + vein_reach_mm) + 1
+            # components reaching further than rim_outer_mm + vein_reach_mm from the lesion
+            veins = np.flatnonzero(np.bincount(comp[far_d], minlength=n + 1)[1:]) + 1
             if veins.size:
                 vein = _dilate_cube(np.isin(comp, veins))
     n_vein = int(np.count_nonzero(vein & (band | core)))
     core_ok = core & ~vein
     # Core reference (contrast to NAWM); lesions too small for a core are compared with NAWM.
-    core_ref = float(np.median(con[core_ok])) if core_ok.any() else 0.0
+    core_ref = float(_median(con[core_ok])) if core_ok.any() else 0.0
     ref = max(core_ref, 0.0)
 
     # Angular sectors per slice; a sector's rim value is the larger of the mean contrasts of
@@ -212,14 +346,17 @@ def rim_features(chi_ppm: np.ndarray, lesion: np.ndarray, others: np.ndarray | N
                                                                                   n_sectors)
             rim_val = np.fmax(rim_val, sm / cnt)
     has = ~np.isnan(rim_val)
-    positive = has & (np.nan_to_num(rim_val, nan=-np.inf) - ref > rim_contrast_ppm)
+    positive = has & (np.where(has, rim_val, -np.inf) - ref > rim_contrast_ppm)
     available = (tot > 0).sum(axis=1)
     cov = np.where(available >= min_sector_fraction * n_sectors,
                    positive.sum(axis=1) / np.maximum(available, 1), 0.0)
     cov = cov[counts_l > 0]
     w = int(min_slices)
-    if cov.size >= w:
-        run_cov = float(np.max(np.lib.stride_tricks.sliding_window_view(cov, w).min(axis=1)))
+    if cov.size >= w:  # best coverage held over w consecutive slices
+        run = cov[:cov.size - w + 1].copy()
+        for k in range(1, w):
+            np.minimum(run, cov[k:k + run.size], out=run)
+        run_cov = float(run.max())
     else:
         run_cov = 0.0
     rim_mean = float(rim_val[has].mean()) if has.any() else 0.0
