@@ -6,9 +6,21 @@ vectors (real and imaginary parts interleaved) by :meth:`dot`, :meth:`axpy` and
 :meth:`scal`, which is what LSQR needs when its unknown lives in k-space.
 
 Torch is imported lazily, only when a torch device is asked for.
+
+The iLSQR operators also use a few *fused* kernels (:meth:`NumpyBackend.lsqr_update`,
+:meth:`~NumpyBackend.weighted_residual`, :meth:`~NumpyBackend.spectrum_update`,
+:meth:`~NumpyBackend.gradient_residual`). Each does in one sweep over memory what would
+otherwise be four to twenty full-volume numpy passes: on numpy they walk the arrays in
+blocks of about 64 k elements (so intermediates stay in the L2 cache) split over the
+cores by a small thread pool (numpy releases the GIL inside its loops); on torch they are
+plain tensor expressions.
 """
 
 from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.fft
@@ -19,6 +31,68 @@ from qsm_core.errors import InputError
 __all__ = ["get_backend", "NumpyBackend", "TorchBackend", "DEVICES"]
 
 DEVICES = ("cpu", "torch-cpu", "cuda")
+
+BLOCK_ELEMS = 1 << 16
+"""Elements per block of the fused numpy kernels (256 KiB of float32)."""
+
+_POOLS: dict = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _forget_pools() -> None:  # pragma: no cover - runs in forked children
+    _POOLS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    # A forked child has none of the parent's pool threads: start fresh pools there.
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _split_run(n: int, threads: int, work) -> list:
+    """Call ``work(lo, hi)`` on ``threads`` contiguous parts of ``range(n)``, in parallel.
+
+    The first part runs in the calling thread, the others on a shared pool. Returns the
+    results in part order.
+    """
+    threads = max(1, min(threads, n))
+    if threads == 1:
+        return [work(0, n)]
+    bounds = [n * i // threads for i in range(threads + 1)]
+    with _POOL_LOCK:
+        pool = _POOLS.get(threads)
+        if pool is None:
+            pool = _POOLS[threads] = ThreadPoolExecutor(threads - 1,
+                                                        thread_name_prefix="qsm-backend")
+    futures = [pool.submit(work, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    first = work(bounds[0], bounds[1])
+    return [first] + [f.result() for f in futures]
+
+
+_DOT_CHUNK = 8192  # OpenBLAS runs dot products this short on the calling thread only
+
+
+def _dot32(a: np.ndarray, b: np.ndarray) -> float:
+    """Inner product of two float32 arrays of the same shape, on the calling thread.
+
+    BLAS ``sdot`` in chunks short enough that OpenBLAS starts no threads of its own (the
+    fused kernels already run one block per core).
+    """
+    a, b = a.reshape(-1), b.reshape(-1)
+    return float(sum(np.dot(a[i: i + _DOT_CHUNK], b[i: i + _DOT_CHUNK])
+                     for i in range(0, a.size, _DOT_CHUNK)))
+
+
+def _rows_per_block(shape) -> int:
+    """Planes (along axis 0) per block so that a block holds about BLOCK_ELEMS elements."""
+    plane = int(np.prod(shape[1:], dtype=np.int64)) or 1
+    return max(1, BLOCK_ELEMS // plane)
 
 
 class NumpyBackend:
@@ -34,6 +108,8 @@ class NumpyBackend:
 
     def __init__(self, workers: int = -1):
         self.workers = workers
+        ncpu = _cpu_count()
+        self.threads = max(1, ncpu + 1 + workers if workers < 0 else workers)
 
     # -- creation and transfer -------------------------------------------------------
     def asarray(self, a) -> np.ndarray:
@@ -136,21 +212,247 @@ class NumpyBackend:
         return float(np.sqrt(np.dot(ra, ra)))
 
     def axpy(self, alpha: float, x, y):
-        """``y += alpha * x`` in place; returns ``y``."""
-        blas.saxpy(self.real_view(x), self.real_view(y), a=alpha)
+        """``y += alpha * x`` in place; returns ``y``.
+
+        Blocked numpy on the backend's threads rather than BLAS ``saxpy``: OpenBLAS's own
+        threads cost more than the update itself when the cores are busy.
+        """
+        rx, ry = self.real_view(x), self.real_view(y)
+        if ry.size <= BLOCK_ELEMS:
+            blas.saxpy(rx, ry, a=alpha)
+            return y
+
+        def work(lo, hi):
+            tmp = np.empty(min(BLOCK_ELEMS, hi - lo), np.float32)
+            for s in range(lo, hi, BLOCK_ELEMS):
+                e = min(s + BLOCK_ELEMS, hi)
+                t = tmp[: e - s]
+                np.multiply(rx[s:e], alpha, out=t)
+                np.add(ry[s:e], t, out=ry[s:e])
+
+        _split_run(ry.size, self.threads, work)
         return y
 
     def scal(self, alpha: float, x):
         """``x *= alpha`` in place; returns ``x``."""
-        blas.sscal(alpha, self.real_view(x))
+        rx = self.real_view(x)
+
+        def work(lo, hi):
+            np.multiply(rx[lo:hi], alpha, out=rx[lo:hi])
+
+        _split_run(rx.size, self.threads if rx.size > BLOCK_ELEMS else 1, work)
         return x
 
     def copy(self, a):
-        """A copy."""
+        """A contiguous copy."""
         return a.copy()
 
     def synchronize(self) -> None:
         """No-op (numpy is synchronous)."""
+
+    def zeros_like(self, a) -> np.ndarray:
+        """Zeros like ``a``."""
+        return np.zeros_like(a)
+
+    # -- fused kernels (one sweep over memory, blocked and threaded) -----------------------
+    def lsqr_update(self, x, w, v, a: float, c: float):
+        """LSQR's solution update: ``x += a w`` then ``w = v + c w``, in one sweep.
+
+        All three are contiguous arrays of one shape and dtype (complex as real pairs).
+        Returns ``x``.
+        """
+        rx, rw, rv = self.real_view(x), self.real_view(w), self.real_view(v)
+
+        def work(lo, hi):
+            tmp = np.empty(min(BLOCK_ELEMS, hi - lo), np.float32)
+            for s in range(lo, hi, BLOCK_ELEMS):
+                e = min(s + BLOCK_ELEMS, hi)
+                t, xb, wb = tmp[: e - s], rx[s:e], rw[s:e]
+                np.multiply(wb, a, out=t)
+                np.add(xb, t, out=xb)
+                np.multiply(wb, c, out=wb)
+                np.add(wb, rv[s:e], out=wb)
+
+        _split_run(rx.size, self.threads, work)
+        return x
+
+    def weighted_residual(self, img, weight, u, c: float, out) -> float:
+        """``u = weight * img - c u`` (in place), ``out = weight * u``; returns ``||u||^2``.
+
+        Parameters
+        ----------
+        img : ndarray, shape (X, Y, Z), float32
+            May be a strided view (a box inside a padded image).
+        weight, u : ndarray, shape (X, Y, Z), float32, contiguous
+        c : float
+        out : ndarray, shape (X, Y, Z), float32
+            May be a view (the box of a zero-padded FFT input).
+        """
+        rows = _rows_per_block(u.shape)
+
+        def work(lo, hi):
+            acc = 0.0
+            tmp = np.empty((min(rows, hi - lo),) + u.shape[1:], np.float32)
+            for s in range(lo, hi, rows):
+                e = min(s + rows, hi)
+                t, ub, wb = tmp[: e - s], u[s:e], weight[s:e]
+                np.multiply(wb, img[s:e], out=t)
+                np.multiply(ub, c, out=ub)
+                np.subtract(t, ub, out=ub)
+                acc += _dot32(ub, ub)
+                np.multiply(wb, ub, out=out[s:e])
+            return acc
+
+        return float(sum(_split_run(u.shape[0], self.threads, work)))
+
+    def spectrum_update(self, s, v, c: float, k_mul, k_norm):
+        """``s = k_mul * s - c v`` (in place) on half spectra, and its weighted norm.
+
+        Parameters
+        ----------
+        s, v : ndarray, shape (X, Y, M), complex64, contiguous
+        c : float
+        k_mul, k_norm : ndarray, shape (X, Y, M), float32
+            Real kernels (from :meth:`asarray`, not :meth:`kernel`).
+
+        Returns
+        -------
+        tuple of 3 floats
+            ``sum k_norm |s|^2`` over the whole spectrum, over the plane ``[..., 0]`` and
+            over the plane ``[..., -1]`` (for Hermitian weights).
+        """
+        shape = s.shape
+        rows = _rows_per_block(shape[:-1] + (2 * shape[-1],))
+
+        def work(lo, hi):
+            tot = first = last = 0.0
+            tmp = np.empty((min(rows, hi - lo),) + shape[1:], s.dtype)
+            for r0 in range(lo, hi, rows):
+                r1 = min(r0 + rows, hi)
+                t, sb = tmp[: r1 - r0], s[r0:r1]
+                np.multiply(sb, k_mul[r0:r1], out=sb)
+                np.multiply(v[r0:r1], c, out=t)
+                np.subtract(sb, t, out=sb)
+                np.multiply(sb, k_norm[r0:r1], out=t)
+                rs, rt = self.real_view(sb), self.real_view(t)
+                tot += _dot32(rs, rt)
+                s4 = rs.reshape(r1 - r0, shape[1], shape[2], 2)
+                t4 = rt.reshape(r1 - r0, shape[1], shape[2], 2)
+                first += _dot32(s4[:, :, 0], t4[:, :, 0])
+                last += _dot32(s4[:, :, -1], t4[:, :, -1])
+            return tot, first, last
+
+        parts = _split_run(shape[0], self.threads, work)
+        return tuple(float(sum(p[i] for p in parts)) for i in range(3))
+
+    def scatter_scaled(self, buf, idx, values, kernel):
+        """``buf.ravel()[idx] = kernel * values`` (complex ``values``, real-pair kernel).
+
+        ``idx`` must be sorted and unique (blocks of it are written by different threads).
+        Returns ``buf``.
+        """
+        flat, rv = buf.reshape(-1), self.real_view(values)
+        n = idx.size
+        step = BLOCK_ELEMS // 2
+
+        def work(lo, hi):
+            tmp = np.empty(min(step, hi - lo), values.dtype)
+            for s in range(lo, hi, step):
+                e = min(s + step, hi)
+                t = tmp[: e - s]
+                np.multiply(rv[2 * s: 2 * e], kernel[2 * s: 2 * e], out=self.real_view(t))
+                flat[idx[s:e]] = t
+
+        _split_run(n, self.threads if n > step else 1, work)
+        return buf
+
+    def gather_update(self, buf, idx, kernel, v, c: float):
+        """``kernel * buf.ravel()[idx] - c v`` (a new array like ``v``), in one sweep."""
+        flat = buf.reshape(-1)
+        out = np.empty_like(v)
+        ro, rv = self.real_view(out), self.real_view(v)
+        step = BLOCK_ELEMS // 2
+        n = idx.size
+
+        def work(lo, hi):
+            tmp = np.empty(2 * min(step, hi - lo), np.float32)
+            for s in range(lo, hi, step):
+                e = min(s + step, hi)
+                a, b = 2 * s, 2 * e
+                out[s:e] = flat[idx[s:e]]
+                np.multiply(ro[a:b], kernel[a:b], out=ro[a:b])
+                t = tmp[: b - a]
+                np.multiply(rv[a:b], c, out=t)
+                np.subtract(ro[a:b], t, out=ro[a:b])
+
+        _split_run(n, self.threads if n > step else 1, work)
+        return out
+
+    def gradient_residual(self, img, z_old, c: float, a_sq, z_new, out) -> float:
+        """Weighted gradient normal operator of a residual image, in one sweep.
+
+        ``z_new = img - c z_old`` and ``out = sum_j D_j^T (a_j D_j z_new)`` with ``D_j`` the
+        forward difference along axis ``j`` (``D_j z[i] = z[i + e_j] - z[i]``, zero past
+        the last plane; ``D_j^T t[i] = t[i - e_j] - t[i]``). Returns
+        ``<z_new, out> = sum_j ||sqrt(a_j) D_j z_new||^2``.
+
+        Parameters
+        ----------
+        img : ndarray, shape (X, Y, Z), float32
+            May be a strided view.
+        z_old : ndarray, shape (X, Y, Z), float32
+        c : float
+        a_sq : ndarray, shape (3, X, Y, Z), float32, contiguous
+            Squared weights of the three difference components; must vanish on the last
+            plane along their axis (the differences are taken on the flattened arrays, so
+            these zeros are what stops them at the array's faces).
+        z_new : ndarray, shape (X, Y, Z), float32, contiguous
+            Output; must not overlap ``z_old`` or ``img``.
+        out : ndarray, shape (X, Y, Z), float32
+            Output (may be a view into a padded array).
+        """
+        nx = z_old.shape[0]
+        rows = _rows_per_block(z_old.shape)
+        plane = int(np.prod(z_old.shape[1:]))
+        n = nx * plane
+        offsets = (plane, z_old.shape[2], 1)  # flat strides of the three axes
+        zf = z_new.reshape(-1)
+        af = a_sq.reshape(3, -1)
+
+        def update(lo, hi):  # z_new = img - c z_old
+            for s in range(lo, hi, rows):
+                e = min(s + rows, hi)
+                zb = z_new[s:e]
+                np.multiply(z_old[s:e], c, out=zb)
+                np.subtract(img[s:e], zb, out=zb)
+
+        def stencil(lo, hi):  # out = L z_new on planes [lo, hi); returns <z_new, out>
+            acc = 0.0
+            size = min(rows, hi - lo) * plane
+            tbuf = np.empty(size + plane, np.float32)
+            ybuf = np.empty(size, np.float32)
+            for s in range(lo, hi, rows):
+                e = min(s + rows, hi)
+                f0, f1 = s * plane, e * plane
+                y = ybuf[: f1 - f0]
+                y.fill(0.0)
+                for j, o in enumerate(offsets):
+                    # t[i] = a_j[i] (z[i + o] - z[i]) for i in [i0, i1); y[i] += t[i - o] - t[i]
+                    i0, i1 = max(f0 - o, 0), min(f1, n - o)
+                    t = tbuf[: i1 - i0]
+                    np.subtract(zf[i0 + o: i1 + o], zf[i0:i1], out=t)
+                    np.multiply(t, af[j, i0:i1], out=t)
+                    # y[i] -= t[i] for i in [f0, i1)
+                    np.subtract(y[: i1 - f0], t[f0 - i0:], out=y[: i1 - f0])
+                    # y[i] += t[i - o] for i in [max(f0, i0 + o), f1)
+                    k0 = max(f0, i0 + o)
+                    np.add(y[k0 - f0:], t[k0 - o - i0: f1 - o - i0], out=y[k0 - f0:])
+                acc += _dot32(zf[f0:f1], y)
+                np.copyto(out[s:e], y.reshape((e - s,) + z_old.shape[1:]))
+            return acc
+
+        _split_run(nx, self.threads, update)
+        return float(sum(_split_run(nx, self.threads, stencil)))
 
 
 class TorchBackend:
@@ -286,13 +588,64 @@ class TorchBackend:
         return x
 
     def copy(self, a):
-        """A copy."""
-        return a.clone()
+        """A contiguous copy."""
+        return a.clone(memory_format=self.torch.contiguous_format)
 
     def synchronize(self) -> None:
         """Wait for queued GPU work (for timing)."""
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
+
+    def zeros_like(self, a):
+        """Zeros like ``a``."""
+        return self.torch.zeros_like(a)
+
+    # -- fused kernels (plain tensor expressions; see NumpyBackend for the contracts) ------
+    def lsqr_update(self, x, w, v, a: float, c: float):
+        """``x += a w`` then ``w = v + c w``; returns ``x``."""
+        rx, rw = self.real_view(x), self.real_view(w)
+        rx.add_(rw, alpha=a)
+        rw.mul_(c).add_(self.real_view(v))
+        return x
+
+    def weighted_residual(self, img, weight, u, c: float, out) -> float:
+        """``u = weight * img - c u``, ``out = weight * u``; returns ``||u||^2``."""
+        u.mul_(-c).addcmul_(weight, img)
+        out.copy_(weight * u)
+        flat = u.reshape(-1)
+        return float(self.torch.dot(flat, flat))
+
+    def spectrum_update(self, s, v, c: float, k_mul, k_norm):
+        """``s = k_mul * s - c v`` (in place); sums of ``k_norm |s|^2`` (all, first, last)."""
+        s.mul_(k_mul).sub_(v, alpha=c)
+        sq = self.torch.view_as_real(s).square().sum(-1) * k_norm
+        return float(sq.sum()), float(sq[:, :, 0].sum()), float(sq[:, :, -1].sum())
+
+    def scatter_scaled(self, buf, idx, values, kernel):
+        """``buf.ravel()[idx] = kernel * values``; returns ``buf``."""
+        buf.view(-1)[idx] = self.torch.view_as_complex(
+            (self.real_view(values) * kernel).reshape(-1, 2))
+        return buf
+
+    def gather_update(self, buf, idx, kernel, v, c: float):
+        """``kernel * buf.ravel()[idx] - c v`` (a new tensor)."""
+        vals = buf.reshape(-1)[idx]
+        rv = self.real_view(vals)
+        rv.mul_(kernel).sub_(self.real_view(v), alpha=c)
+        return vals
+
+    def gradient_residual(self, img, z_old, c: float, a_sq, z_new, out) -> float:
+        """``z_new = img - c z_old``, ``out = sum_j D_j^T (a_j D_j z_new)``; ``<z_new, out>``."""
+        self.torch.sub(img, z_old, alpha=c, out=z_new)
+        y = self.torch.zeros_like(z_new)
+        for ax in range(3):
+            n = z_new.shape[ax]
+            t = (z_new.narrow(ax, 1, n - 1) - z_new.narrow(ax, 0, n - 1)) \
+                * a_sq[ax].narrow(ax, 0, n - 1)
+            y.narrow(ax, 0, n - 1).sub_(t)
+            y.narrow(ax, 1, n - 1).add_(t)
+        out.copy_(y)
+        return float(self.torch.dot(z_new.reshape(-1), y.reshape(-1)))
 
 
 def get_backend(device: str = "cpu"):

@@ -33,7 +33,9 @@ import scipy.fft
 from qsm_core.errors import InputError
 from qsm_core.inversion._common import Grid, finish, hermitian_scale, prepare
 from qsm_core.inversion.backend import get_backend
-from qsm_core.inversion.lsqr import LinearOperator, lsqr
+from qsm_core.inversion.ilsqr_ops import ConeGradientOp as _ConeGradientOp
+from qsm_core.inversion.ilsqr_ops import WeightedDipoleOp as _WeightedDipoleOp
+from qsm_core.inversion.lsqr import lsqr
 from qsm_core.inversion.tkd import tkd_inverse_kernel
 
 __all__ = ["ilsqr", "laplacian_weights", "gradient_weights", "ILSQRInfo"]
@@ -88,12 +90,6 @@ def _ramp_down(x: np.ndarray, lo: float, hi: float, floor: float) -> np.ndarray:
         return np.where(x <= lo, 1.0, floor).astype(np.float32)
     t = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
     return (1.0 - (1.0 - floor) * t).astype(np.float32)
-
-
-def _shift(sl: tuple, axis: int, by: int) -> tuple:
-    out = list(sl)
-    out[axis] = slice(sl[axis].start + by, sl[axis].stop + by)
-    return tuple(out)
 
 
 def laplacian_weights(field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm) -> np.ndarray:
@@ -159,232 +155,6 @@ def gradient_weights(chi_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm) -> np
         both = m & np.roll(m, -1, axis=ax)
         out[ax] = np.where(both, w / np.float32(h), 0.0)
     return out
-
-
-class _Timed:
-    """FFT wrappers that add their wall time to a counter."""
-
-    def __init__(self, bk):
-        self.bk = bk
-        self.fft_s = 0.0
-
-    def rfftn(self, x):
-        self.bk.synchronize()
-        t0 = time.perf_counter()
-        out = self.bk.rfftn(x)
-        self.bk.synchronize()
-        self.fft_s += time.perf_counter() - t0
-        return out
-
-    def irfftn(self, spec, shape, overwrite=True):
-        self.bk.synchronize()
-        t0 = time.perf_counter()
-        out = self.bk.irfftn(spec, shape, overwrite=overwrite)
-        self.bk.synchronize()
-        self.fft_s += time.perf_counter() - t0
-        return out
-
-
-class _WeightedDipoleOp(LinearOperator):
-    """``v -> W * F^-1(D v)`` on the bounding box (step 1), unknown in k-space.
-
-    The unknown is the isometrically scaled half spectrum ``v = (D / s) v_hat`` with
-    ``s = sqrt(N / w)`` (:func:`hermitian_scale`); vectors are stored as ``v_hat`` so the
-    adjoint ``A^T u = (D / s) F(W u)`` needs no multiply (``v_hat = F(W u)``), and the
-    product ``D^2 v_hat`` that the next forward FFT needs also gives the norm
-    ``||v||^2 = sum (w / N) Re(conj(v_hat) D^2 v_hat)``.
-    """
-
-    def __init__(self, bk, grid: Grid, d: np.ndarray, scale: np.ndarray, weight: np.ndarray):
-        self.backend = bk
-        self.fft = _Timed(bk)
-        self.shape, self.box = grid.shape, grid.box
-        self.n = float(np.prod(grid.shape))
-        self.even = grid.shape[2] % 2 == 0
-        self.d = d
-        self.k_sq = bk.kernel(d * d)
-        self.k_adj = bk.kernel(d / scale)
-        self.zero_idx = bk.index(np.flatnonzero(d == 0))
-        self.weight = bk.asarray(weight[grid.box])
-        self.pad = bk.zeros(grid.shape)
-        self.spec = None
-        self._spec_of = None
-        self.spare = None
-
-    def _spec(self, v):
-        """``D^2 v_hat`` (cached for the vector last normed)."""
-        if self._spec_of is not v:
-            if self.spec is None:
-                self.spec = self.backend.empty_like(v)
-            self.backend.mul_spec(v, self.k_sq, out=self.spec)
-            self._spec_of = v
-        return self.spec
-
-    def _image(self, v):
-        spec = self._spec(v)
-        self._spec_of = None  # the inverse FFT overwrites it
-        return self.fft.irfftn(spec, self.shape)
-
-    def _weighted_dot(self, a, b_sq) -> float:
-        bk = self.backend
-        total = 2.0 * bk.dot(a, b_sq)
-        total -= bk.dot(bk.copy(a[:, :, 0]), bk.copy(b_sq[:, :, 0]))
-        if self.even:
-            total -= bk.dot(bk.copy(a[:, :, -1]), bk.copy(b_sq[:, :, -1]))
-        return total / self.n
-
-    def vnorm(self, v):
-        return float(np.sqrt(max(self._weighted_dot(v, self._spec(v)), 0.0)))
-
-    def vdot(self, a, b):
-        return self._weighted_dot(a, self.backend.mul_spec(b, self.k_sq))
-
-    def vscale(self, alpha, v):
-        self.backend.scal(alpha, v)
-        if self._spec_of is v:
-            self.backend.scal(alpha, self.spec)
-        return v
-
-    def to_vhat(self, v_scaled):
-        """``v_hat`` of a scaled spectrum (tests; entries with D = 0 are lost)."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            k = np.where(self.d != 0, 1.0 / np.where(self.d != 0, self.d, 1.0), 0.0)
-        scale_k = self.backend.kernel(k * hermitian_scale(self.shape))
-        return self.backend.mul_spec(v_scaled, scale_k)
-
-    def solution_image(self, x):
-        """``chi = F^-1(D x_hat)`` on the padded grid."""
-        spec = self.backend.mul_spec(x, self.backend.kernel(self.d), out=x)
-        return self.fft.irfftn(spec, self.shape)
-
-    def matvec(self, v):
-        return self.backend.mul(self._image(v)[self.box], self.weight)
-
-    def matvec_update(self, v, u, alpha):
-        bk = self.backend
-        img = self._image(v)
-        new = self.spare if self.spare is not None else bk.empty_like(u)
-        bk.mul(img[self.box], self.weight, out=new)
-        bk.axpy(-alpha, u, new)
-        self.spare = u
-        return new
-
-    def rmatvec(self, u):
-        bk = self.backend
-        bk.mul(u, self.weight, out=self.pad[self.box])
-        spec = self.fft.rfftn(self.pad)
-        # Entries with D = 0 do not enter A; keep them at zero so they cannot grow.
-        return bk.scatter(spec, self.zero_idx, 0)
-
-    def rmatvec_update(self, u, v, beta):
-        return self.backend.axpy(-beta, v, self.rmatvec(u))
-
-
-class _ConeGradientOp(LinearOperator):
-    """``v (scaled spectrum on the cone) -> W_g grad F^-1(P v)`` (step 3).
-
-    The unknown holds only the half-spectrum entries inside the cone ``P`` (about a sixth
-    of k-space), so LSQR's vector updates on it are cheap; they are scattered into a
-    zero spectrum before the inverse FFT and gathered after the forward one.
-    """
-
-    def __init__(self, bk, grid: Grid, cone: np.ndarray, scale: np.ndarray,
-                 gweights: np.ndarray, precondition: bool = False):
-        self.backend = bk
-        self.fft = _Timed(bk)
-        self.shape, self.box = grid.shape, grid.box
-        self.shifted = [_shift(grid.box, ax, 1) for ax in range(3)]
-        cone = np.asarray(cone, bool).copy()
-        scale_full = np.broadcast_to(scale, cone.shape)
-        pc = np.ones(cone.shape, np.float32)
-        if precondition:
-            # Right preconditioner 1/|G(k)| (forward-difference gradient magnitude):
-            # makes the operator close to an isometry, so LSQR converges in few steps.
-            g2 = np.zeros(cone.shape, np.float64)
-            for ax, h in enumerate(grid.voxel_size_mm):
-                n = grid.shape[ax]
-                m = np.arange(cone.shape[ax])
-                gk = (2.0 * np.sin(np.pi * m / n) / h) ** 2
-                g2 = g2 + gk.reshape([-1 if a == ax else 1 for a in range(3)])
-            cone[0, 0, 0] = False
-            pc[cone] = 1.0 / np.sqrt(g2[cone])
-        self.idx = bk.index(np.flatnonzero(cone))
-        self.k_fwd = bk.kernel(scale_full[cone] * pc[cone])
-        self.k_adj = bk.kernel(pc[cone] / scale_full[cone])
-        box = (slice(None),) + grid.box
-        self.neg_weight_sq = bk.asarray(-np.square(gweights[box]))
-        self._weighted_of = None
-        self.pad = bk.zeros(grid.shape)
-        self.spec_full = bk.zeros_complex(cone.shape)
-        self.tmp = bk.empty_like(self.neg_weight_sq)
-        self.spec = None
-        self.spare = None
-
-    def compress(self, spec_full):
-        """Cone entries of a full (scaled) half spectrum."""
-        return self.backend.gather(spec_full, self.idx)
-
-    def image(self, v):
-        """``F^-1(P v)`` on the padded grid."""
-        if self.spec is None:
-            self.spec = self.backend.empty_like(v)
-        vals = self.backend.mul_spec(v, self.k_fwd, out=self.spec)
-        full = self.backend.scatter(self.spec_full, self.idx, vals)
-        return self.fft.irfftn(full, self.shape, overwrite=False)
-
-    def grad(self, img, out):
-        """Forward differences (unweighted) of a padded image into ``out`` (3, *box)."""
-        bk = self.backend
-        for ax in range(3):
-            bk.sub(img[self.shifted[ax]], img[self.box], out=out[ax])
-        return out
-
-    # Data-space vectors are stored unweighted (u_hat, with u = W_g u_hat): the update
-    # A v - c u becomes grad(img) - c u_hat (no multiply), and the single multiply
-    # -W_g^2 u_hat made for the norm is reused by the adjoint.
-    def matvec(self, v):
-        return self.grad(self.image(v), self.backend.empty_like(self.neg_weight_sq))
-
-    def matvec_update(self, v, u, alpha):
-        bk = self.backend
-        new = self.spare if self.spare is not None else bk.empty_like(u)
-        self._weighted_of = None
-        self.grad(self.image(v), new)
-        bk.axpy(-alpha, u, new)
-        self.spare = u
-        return new
-
-    def _weighted(self, u):
-        """``-W_g^2 u_hat`` (cached for the vector last normed)."""
-        if self._weighted_of is not u:
-            self.backend.mul(u, self.neg_weight_sq, out=self.tmp)
-            self._weighted_of = u
-        return self.tmp
-
-    def unorm(self, u):
-        return float(np.sqrt(max(-self.backend.dot(u, self._weighted(u)), 0.0)))
-
-    def udot(self, a, b):
-        return -self.backend.dot(a, self._weighted(b))
-
-    def uscale(self, alpha, u):
-        self.backend.scal(alpha, u)
-        if self._weighted_of is u:
-            self.backend.scal(alpha, self.tmp)
-        return u
-
-    def rmatvec(self, u):
-        bk = self.backend
-        t = self._weighted(u)  # -W_g^2 u_hat = -W_g u
-        # grad^T y = sum_j (y shifted by +1 along j) - y ; pad is zero outside box
-        # and the faces beyond it (weights vanish on the box's last planes).
-        inner = self.pad[self.box]
-        bk.add(t[0], t[1], out=inner)
-        bk.iadd(inner, t[2])
-        for ax in range(3):
-            bk.isub(self.pad[self.shifted[ax]], t[ax])
-        vals = bk.gather(self.fft.rfftn(self.pad), self.idx)
-        return bk.mul_spec(vals, self.k_adj, out=vals)
 
 
 def _sphere_spectrum(shape, voxel_size_mm, radius_mm: float) -> np.ndarray:
@@ -535,7 +305,7 @@ def ilsqr(local_field_ppm, mask, *, voxel_size_mm, b0_dir, tol_lsqr: float = 0.0
         t0 = time.perf_counter()
         cone = np.abs(d) < CONE_THRESHOLD
         op3 = _ConeGradientOp(bk, grid, cone, scale, w_grad, precondition=precondition)
-        b3 = op3.grad(chi_lsqr, bk.empty_like(op3.neg_weight_sq))
+        b3 = op3.rhs(chi_lsqr)
         res3 = lsqr(op3, b3, atol=tol_streak, btol=tol_streak, max_iter=max_iter_streak,
                     progress=progress, label="streak")
         chi_streak = op3.image(res3.x)

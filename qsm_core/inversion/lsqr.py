@@ -5,7 +5,8 @@ two products, optionally fused with the LSQR updates (``A v - alpha u`` and
 ``A^T u - beta v``) so an implementation can avoid temporaries. Vectors may be any
 backend arrays (real images, complex spectra treated as real vectors, stacks of
 gradients); only :meth:`dot`/:meth:`nrm2`/:meth:`axpy`/:meth:`scal` of the backend
-touch them.
+touch them (and, where the backend has it, the fused ``lsqr_update(x, w, v, a, c)``:
+``x += a w; w = v + c w`` in one sweep).
 
 Stopping rule (MATLAB-style tolerances, as used by STI Suite): stop when the relative
 residual ``||r|| / ||b|| <= btol`` or the relative normal-equation residual
@@ -130,6 +131,7 @@ def lsqr(op: LinearOperator, b, *, atol: float = 1e-2, btol: float = 1e-2,
     LSQRResult
     """
     bk = op.backend
+    fused = hasattr(bk, "lsqr_update")
     # Lazy normalisation: the Golub-Kahan vectors are kept unnormalised ("raw") with
     # known scales (u = su * u_raw, v = sv * v_raw, w = sw * w_raw); the scales are
     # folded into the fused operator updates, saving one pass over u and one over v
@@ -182,15 +184,24 @@ def lsqr(op: LinearOperator, b, *, atol: float = 1e-2, btol: float = 1e-2,
         rhobar = -c * alpha
         phi = c * phibar
         phibar = s * phibar
-        # x += (phi / rho) w ;  w = v - (theta / rho) w
+        # x += (phi / rho) w ;  w = v - (theta / rho) w  (one fused sweep where the
+        # backend has one: in raw terms x += a w_raw, w_raw = v_raw + c w_raw, sw = sv)
+        a = phi / rho * sw
         if x is None:
-            x = bk.scal(phi / rho * sw, bk.copy(w))
-        else:
-            bk.axpy(phi / rho * sw, w, x)
+            x = bk.scal(a, bk.copy(w))
+            a = None
         if alpha > 0.0:
-            bk.scal(-theta / rho * sw / sv, w)
-            bk.axpy(1.0, v, w)
+            c = -theta / rho * sw / sv
+            if a is not None and fused:
+                bk.lsqr_update(x, w, v, a, c)
+            else:
+                if a is not None:
+                    bk.axpy(a, w, x)
+                bk.scal(c, w)
+                bk.axpy(1.0, v, w)
             sw = sv
+        elif a is not None:
+            bk.axpy(a, w, x)
         bk.synchronize()
         times.append(time.perf_counter() - t0)
         rnorm = phibar
