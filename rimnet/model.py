@@ -113,7 +113,8 @@ def iter_tta_views(x: torch.Tensor, tta: str):
 
 @torch.inference_mode()
 def ensemble_logits(nets: Sequence[nn.Module], patches, *, tta: str = "flip",
-                    batch_size: int = 64, device="cpu", with_types: bool = False):
+                    batch_size: int = 64, device="cpu", with_types: bool = False,
+                    stacked=None):
     """Rim logits averaged over test-time views and networks (uncalibrated).
 
     Parameters
@@ -130,6 +131,9 @@ def ensemble_logits(nets: Sequence[nn.Module], patches, *, tta: str = "flip",
     device : str or torch.device
     with_types : bool
         Also return the lesion-type logits of the second head, averaged the same way.
+    stacked : rimnet.fast_ensemble.StackedEnsemble, optional
+        ``nets`` evaluated as one batched network (the same logits to float rounding,
+        several times faster on CPU); used instead of the loop over ``nets``.
 
     Returns
     -------
@@ -162,6 +166,10 @@ def ensemble_logits(nets: Sequence[nn.Module], patches, *, tta: str = "flip",
         # shell features are invariant to the views and shared by the folds: computed once
         sh = shared_shell_features(nets, x)
         for view in iter_tta_views(x, tta):
+            if stacked is not None:  # the sum over nets in one batched call
+                y = (stacked.sum(view, sh) if sh is not None else stacked.sum(view)).float()
+                acc = y if acc is None else acc + y
+                continue
             for net in nets:
                 y = (net(view, sh) if sh is not None else net(view)).float()
                 acc = y if acc is None else acc + y
@@ -410,7 +418,26 @@ class RimCNN:
         """Uncalibrated ensemble rim logits, shape (N,)."""
         self._check(patches)
         return ensemble_logits(self.networks, patches, tta=tta or self.tta,
-                               batch_size=self.batch_size, device=self.device)
+                               batch_size=self.batch_size, device=self.device,
+                               stacked=self._stacked_ensemble())
+
+    def _stacked_ensemble(self):
+        """The fold networks as one batched network on CPU (rimnet.fast_ensemble), or None.
+
+        Built on first use, checked against the networks, rebuilt if they change.
+        """
+        if str(self.device) != "cpu":
+            return None
+        from rimnet.fast_ensemble import checked_stacked_ensemble, fingerprint
+
+        key = fingerprint(self.networks)
+        if getattr(self, "_stacked_key", None) != key:
+            p = self.patch_voxels
+            example = torch.rand((2, len(self.channels), p, p, p),
+                                 generator=torch.Generator().manual_seed(0))
+            self._stacked = checked_stacked_ensemble(self.networks, example)
+            self._stacked_key = key
+        return self._stacked
 
     def predict_proba(self, patches) -> np.ndarray:
         """Rim probabilities.
