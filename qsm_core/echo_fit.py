@@ -39,6 +39,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from qsm_core.errors import InputError
 from qsm_core.unwrap import _wrap, laplacian_unwrap
@@ -148,13 +149,15 @@ def background_noise_std(magnitude: np.ndarray, *, fraction: float = 0.1) -> flo
     return sigma
 
 
-def _restore_constants(unwrapped, phase, mag, region, max_voxels: int = 200_000):
+def _restore_constants(unwrapped, phase, mag, region, te=None,
+                       max_voxels: int = 200_000):
     """Add back each echo's spatial-mean phase, which the Poisson solve drops.
 
     The offset of echo e is the ``m^2``-weighted circular mean of ``wrapped - unwrapped``
     over ``region`` (at most ``max_voxels`` evenly spaced voxels), so the result is
     congruent on average; the offsets are then unwrapped along TE, assuming the mean
-    phase moves by less than pi between consecutive echoes. Spatial constants are
+    phase moves by less than pi between consecutive echoes, and (with ``te`` and more
+    than two echoes) replaced by their least-squares line in TE. Spatial constants are
     harmonic, so this only makes ``phi0`` and ``f`` readable; background removal would
     take them away anyway.
     """
@@ -170,13 +173,102 @@ def _restore_constants(unwrapped, phase, mag, region, max_voxels: int = 200_000)
     u = unwrapped.reshape(-1, n_echo)[idx].astype(np.float64)
     w = mag.reshape(-1, n_echo)[idx].astype(np.float64) ** 2
     offsets = np.unwrap(np.angle(np.sum(w * np.exp(1j * (p - u)), axis=0)))
+    if te is not None and n_echo > 2:
+        # The dropped constants are the spatial means of phi0 + 2 pi f TE: affine in TE.
+        # The circular mean is not (the harmonic part each solve adds varies in space,
+        # so its circular mean bends with TE by ~0.1 rad on a head), and a bend would be
+        # read as noise by the fit's residuals: keep the offsets' least-squares line.
+        design = np.stack([np.ones(n_echo), np.asarray(te, float)], axis=1)
+        coef, *_ = np.linalg.lstsq(design, offsets, rcond=None)
+        offsets = design @ coef
     for e in range(n_echo):
         unwrapped[..., e] += np.float32(offsets[e])
 
 
+def _box_of(sel, shape):
+    region = np.asarray(sel, bool).reshape(shape)
+    idx = [np.flatnonzero(region.any(axis=tuple(a for a in range(3) if a != ax)))
+           for ax in range(3)]
+    return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)
+
+
+def _smooth_within(values, weights, sel, shape, sigma_mm, voxel_size_mm):
+    """Weighted Gaussian average of per-voxel ``values`` over the selected voxels.
+
+    ``values``, ``weights``: 1D, one entry per voxel of the flat boolean ``sel``;
+    returns ``G*(w v) / G*(w)`` at those voxels (normalised convolution on the
+    selection's bounding box, so voxels outside it do not pull the average down).
+    """
+    box = _box_of(sel, shape)
+    sig = [float(sigma_mm) / float(h) for h in np.asarray(voxel_size_mm, float)]
+    num = np.zeros(shape, np.float32)
+    den = np.zeros(shape, np.float32)
+    num.reshape(-1)[sel] = weights * values
+    den.reshape(-1)[sel] = weights
+    num_b = ndimage.gaussian_filter(num[box], sig, mode="constant", truncate=3.0)
+    den_b = ndimage.gaussian_filter(den[box], sig, mode="constant", truncate=3.0)
+    num[box] = num_b / np.maximum(den_b, np.float32(1e-30))
+    return num.reshape(-1)[sel].astype(np.float32)
+
+
+def _local_linear(values, weights, sel, shape, sigma_mm, voxel_size_mm):
+    """Gaussian-weighted local *linear* fit of per-voxel ``values`` over the selection.
+
+    At every selected voxel ``x0`` fits ``a + g . (x - x0)`` to the values of the
+    selected voxels by least squares with weights ``w(x) G(x - x0)`` and returns ``a``
+    (first-order normalised convolution). Unlike the local mean it has no bias for a
+    linear trend where the Gaussian is cut by the selection's edge (the mean is pulled
+    towards the interior by ``gradient x centroid shift``). The moments come from
+    Gaussian-derivative filters: ``sum (x - x0) G w = s^2 (G' * w)`` and
+    ``sum (x - x0)^2 G w = s^4 (G'' * w) + s^2 (G * w)``.
+    """
+    box = _box_of(sel, shape)
+    sig = [float(sigma_mm) / float(h) for h in np.asarray(voxel_size_mm, float)]
+    flat_box = np.zeros(shape, bool)
+    flat_box[box] = True
+    sel_box = np.asarray(sel, bool).reshape(shape)[box]
+    w = np.zeros(sel_box.shape, np.float32)
+    w[sel_box] = weights
+    wv = np.zeros(sel_box.shape, np.float32)
+    wv[sel_box] = weights * values
+
+    def filt(arr, order):
+        out = ndimage.gaussian_filter(arr, sig, order=order, mode="constant", truncate=3.0)
+        return out[sel_box].astype(np.float64)
+
+    s2 = np.asarray(sig, float) ** 2
+    unit = [tuple(int(a == i) for a in range(3)) for i in range(3)]
+    m0 = filt(w, 0)
+    p0 = filt(wv, 0)
+    m = [s2[i] * filt(w, unit[i]) for i in range(3)]
+    p = [s2[i] * filt(wv, unit[i]) for i in range(3)]
+    mm = np.empty((3, 3, m0.size))
+    for i in range(3):
+        mm[i, i] = s2[i] ** 2 * filt(w, tuple(2 * u for u in unit[i])) + s2[i] * m0
+        for j in range(i + 1, 3):
+            order = tuple(a + b for a, b in zip(unit[i], unit[j]))
+            mm[i, j] = mm[j, i] = s2[i] * s2[j] * filt(w, order)
+    del w, wv
+    # Schur complement: a = (p0 - m.M^-1 p) / (m0 - m.M^-1 m); M gets a small ridge
+    # (1e-3 of its interior value) so that thin selections fall back to the local mean.
+    for i in range(3):
+        mm[i, i] += 1e-3 * s2[i] * m0
+    mv = np.stack(m, axis=-1)
+    pv = np.stack(p, axis=-1)
+    mats = np.moveaxis(mm, -1, 0)
+    sol = np.linalg.solve(mats, np.stack([mv, pv], axis=-1))
+    num = p0 - np.einsum("ni,ni->n", mv, sol[..., 1])
+    den = m0 - np.einsum("ni,ni->n", mv, sol[..., 0])
+    local_mean = p0 / np.maximum(m0, 1e-30)
+    good = den > 1e-3 * m0
+    out = np.where(good, num / np.where(good, den, 1.0), local_mean)
+    return out.astype(np.float32)
+
+
 def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int = +1,
                   mask=None, unwrap_mask=None, unwrap: str = "differences",
-                  workers: int = -1) -> EchoFit:
+                  phase_offset: str = "smooth", offset_sigma_mm: float = 2.0,
+                  noise_pool_mm: float = 2.0, workers: int = -1) -> EchoFit:
     """Frequency map from multi-echo phase (unwrap each echo, weighted fit over TE).
 
     Parameters
@@ -198,6 +290,17 @@ def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int 
         ``'differences'`` (default): unwrap the first echo, then each echo-to-echo phase
         difference, and sum; ``'echoes'``: unwrap every echo on its own. See the module
         docstring.
+    phase_offset : {'smooth', 'voxel'}
+        ``'smooth'`` (default): ``phi0`` is taken as spatially smooth (it is the
+        transmit/receive phase at TE = 0): the per-voxel intercepts are averaged with a
+        Gaussian of ``offset_sigma_mm`` (weighted by their inverse variance, within the
+        mask) and the slope is fitted through that offset; ``'voxel'``: a free intercept
+        per voxel. See the module docstring. Ignored for one echo.
+    offset_sigma_mm : float
+        Gaussian sigma (mm) of the ``phi0`` average.
+    noise_pool_mm : float
+        Gaussian sigma (mm) over which the residual noise variance ``sigma^2`` is pooled
+        (it has only ``E - 1`` or ``E - 2`` degrees of freedom per voxel); 0 = per voxel.
     workers : int
         FFT threads.
 
@@ -225,6 +328,13 @@ def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int 
                              f"{shape}")
     if unwrap not in ("differences", "echoes"):
         raise InputError(f"unwrap must be 'differences' or 'echoes', got {unwrap!r}")
+    if phase_offset not in ("smooth", "voxel"):
+        raise InputError(f"phase_offset must be 'smooth' or 'voxel', got {phase_offset!r}")
+    if not (np.isfinite(noise_pool_mm) and noise_pool_mm >= 0):
+        raise InputError(f"noise_pool_mm must be >= 0 (mm), got {noise_pool_mm!r}")
+    if phase_offset == "smooth" and not (np.isfinite(offset_sigma_mm) and offset_sigma_mm > 0):
+        raise InputError(f"offset_sigma_mm must be a positive number of mm, got "
+                         f"{offset_sigma_mm!r}")
     unwrapped = np.empty_like(phase)
     unwrapped[..., 0] = laplacian_unwrap(phase[..., 0], voxel_size_mm=voxel_size_mm,
                                          mask=unwrap_mask, workers=workers)
@@ -236,7 +346,7 @@ def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int 
             step = _wrap(phase[..., e] - phase[..., e - 1])
             unwrapped[..., e] = unwrapped[..., e - 1] + laplacian_unwrap(
                 step, voxel_size_mm=voxel_size_mm, mask=unwrap_mask, workers=workers)
-    _restore_constants(unwrapped, phase, mag, unwrap_mask if mask is None else mask)
+    _restore_constants(unwrapped, phase, mag, unwrap_mask if mask is None else mask, te)
     # the fit is per voxel: do it on the voxels that are kept only
     sel = (np.ones(shape, bool) if mask is None else np.asarray(mask).astype(bool)).ravel()
     u = unwrapped.reshape(-1, n_echo)[sel]
@@ -262,15 +372,33 @@ def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int 
         det = np.maximum(sw * stt - st * st, np.float32(1e-30))
         slope = (sw * stp - st * sp) / det
         phi0 = (sp - slope * st) / sw
-        if n_echo > 2:
+        if phase_offset == "smooth":
+            # phi0 is smooth: estimate it locally (inverse-variance weighted Gaussian
+            # average of the per-voxel intercepts), then fit the slope through it.
+            phi0 = _local_linear(phi0, det / np.maximum(stt, np.float32(1e-30)), sel,
+                                 shape, offset_sigma_mm, voxel_size_mm)
+            slope = (stp - phi0 * st) / np.maximum(stt, np.float32(1e-30))
+            dof = n_echo - 1
+        else:
+            dof = n_echo - 2
+        if dof >= 2:
             resid = u - phi0[:, None] - slope[:, None] * t
-            sigma2 = (w * resid * resid).sum(axis=1) / np.float32(n_echo - 2)
+            sigma2 = (w * resid * resid).sum(axis=1) / np.float32(dof)
             del resid
+            if noise_pool_mm > 0:
+                # a few degrees of freedom per voxel make sigma^2 very noisy (1 / sigma
+                # heavy-tailed): pool it locally; the voxel's own magnitudes still set
+                # its standard error below.
+                sigma2 = _smooth_within(sigma2, np.ones_like(sigma2), sel, shape,
+                                        noise_pool_mm, voxel_size_mm)
             method = "residual"
         else:
             sigma2 = np.float32(background_noise_std(mag[..., 0]) ** 2)
             method = "background"
-        var_f = sigma2 * sw / det / np.float32(two_pi**2)
+        if phase_offset == "smooth":
+            var_f = sigma2 / np.maximum(stt, np.float32(1e-30)) / np.float32(two_pi**2)
+        else:
+            var_f = sigma2 * sw / det / np.float32(two_pi**2)
 
     def scatter(values):
         out = np.zeros(shape, np.float32)

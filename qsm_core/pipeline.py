@@ -18,6 +18,7 @@ The B0 direction in voxel axes and the voxel sizes come from the affine
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from qsm_core.background import BGREMOVE_METHODS
 from qsm_core.echo_fit import check_echo_inputs, fit_frequency
 from qsm_core.errors import InputError
 from qsm_core.geometry import b0_dir_from_affine, voxel_sizes_mm
+from qsm_core.inversion.weights import noise_weights
 from qsm_core.mask import brain_mask, dilate_ball
 from qsm_core.swi import swi
 
@@ -114,7 +116,8 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
                 method: str = "ilsqr", bgremove: str = "vsharp", mask=None,
                 phase_sign: int = +1, b0_world=(0.0, 0.0, 1.0), device: str = "cpu",
                 progress: Callable[[str], None] | None = None, mask_options=None,
-                bgremove_options=None, inversion_options=None,
+                bgremove_options=None, inversion_options=None, fit_options=None,
+                data_weights: str = "noise",
                 unwrap_dilate_mm: float = 2.0) -> ReconResult:
     """Run the whole QSM pipeline on one multi-echo GRE scan.
 
@@ -144,9 +147,15 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
         Passed to the inversion (``"cpu"``, ``"torch-cpu"``, ``"cuda"``).
     progress : callable, optional
         Called with each stage name of :data:`STAGES` as it starts.
-    mask_options, bgremove_options, inversion_options : dict, optional
+    mask_options, bgremove_options, inversion_options, fit_options : dict, optional
         Extra keyword options of :func:`~qsm_core.mask.brain_mask` (default
-        :data:`DEFAULT_MASK_OPTIONS`), the background method and the inversion method.
+        :data:`DEFAULT_MASK_OPTIONS`), the background method, the inversion method and
+        :func:`~qsm_core.echo_fit.fit_frequency`.
+    data_weights : {"noise", "none"}
+        ``"noise"``: methods with a weighted data term (iLSQR) get the weights
+        ``1 / noise_std_hz`` of the echo fit (:func:`qsm_core.inversion.weights.noise_weights`);
+        closed-form methods (TKD, Tikhonov) have none, ``parameters`` records which was
+        used. ``"none"``: unweighted. ``weights`` in ``inversion_options`` wins.
     unwrap_dilate_mm : float
         The phase is unwrapped on the brain mask dilated by this much (mm), so that noise
         outside the head cannot leak into the field (see :mod:`qsm_core.unwrap`). A
@@ -178,6 +187,9 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
                          f"{sorted(BGREMOVE_METHODS)}")
     if phase_sign not in (1, -1):
         raise InputError(f"phase_sign must be +1 or -1, got {phase_sign!r}")
+    if data_weights not in ("noise", "none"):
+        raise InputError(f"data_weights must be 'noise' or 'none', got {data_weights!r}")
+    fit_opts = dict(fit_options or {})
     mask_options = {**DEFAULT_MASK_OPTIONS, **(mask_options or {})}
     bg_opts = dict(DEFAULT_BGREMOVE_OPTIONS.get(bgremove, {}))
     bg_opts.update(bgremove_options or {})
@@ -212,7 +224,7 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
     if unwrap_dilate_mm >= 0:
         unwrap_mask = dilate_ball(bmask.astype(bool), unwrap_dilate_mm, voxel_size_mm=vox)
     fit = fit_frequency(phase, mag, te, voxel_size_mm=vox, phase_sign=phase_sign,
-                        mask=bmask, unwrap_mask=unwrap_mask)
+                        mask=bmask, unwrap_mask=unwrap_mask, **fit_opts)
     total_hz = (fit.frequency_hz * bmask).astype(np.float32)
     del fit.unwrapped_phase_rad
     timings["unwrap_fit"] = time.perf_counter() - t0
@@ -229,8 +241,14 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
     t0 = stage("inversion")
     hz_per_ppm = qsm_core.ppm_to_hz(field_strength_t)
     local_ppm = local_hz / np.float32(hz_per_ppm)
+    weights_used = "user" if "weights" in inv_opts else "none"
+    if (data_weights == "noise" and "weights" not in inv_opts
+            and "weights" in inspect.signature(methods[method]).parameters):
+        inv_opts["weights"] = noise_weights(fit.noise_std_hz, final_mask)
+        weights_used = "noise"
     chi = methods[method](local_ppm, final_mask, voxel_size_mm=vox, b0_dir=b0_dir,
                           device=device, **inv_opts)
+    inv_opts.pop("weights", None)
     chi = np.asarray(chi, dtype=np.float32)
     timings["inversion"] = time.perf_counter() - t0
 
@@ -264,7 +282,9 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
         "unwrap": {"method": "laplacian", "formula": "wrapped", "echoes": "differences",
                    "dilate_mm": unwrap_dilate_mm},
         "echo_fit": {"weights": "magnitude^2", "intercept": te.size > 1,
-                     "noise_method": fit.noise_method},
+                     "noise_method": fit.noise_method, "phase_offset": "smooth",
+                     **fit_opts},
+        "data_weights": weights_used,
         "bgremove_options": bg_opts,
         "inversion_options": inv_opts,
         "swi": {"echo_index": e_swi, "te_s": float(te[e_swi]), "power": 4,

@@ -37,6 +37,7 @@ from qsm_core.inversion.ilsqr_ops import ConeGradientOp as _ConeGradientOp
 from qsm_core.inversion.ilsqr_ops import WeightedDipoleOp as _WeightedDipoleOp
 from qsm_core.inversion.lsqr import lsqr
 from qsm_core.inversion.tkd import tkd_inverse_kernel
+from qsm_core.inversion.weights import grid_weights
 
 __all__ = ["ilsqr", "laplacian_weights", "gradient_weights", "ILSQRInfo"]
 
@@ -209,7 +210,7 @@ def ilsqr(local_field_ppm, mask, *, voxel_size_mm, b0_dir, tol_lsqr: float = 0.0
           tol_streak: float = 1e-3, max_iter: int = 50, max_iter_streak: int = 15,
           device: str = "cpu", progress=None, pad_voxels=12, reference: str = "mask_mean",
           return_info: bool = False, keep_intermediate: bool = False,
-          precondition: bool = True):
+          precondition: bool = True, weights=None):
     """Susceptibility by iLSQR (Li et al. 2015).
 
     Parameters
@@ -246,6 +247,11 @@ def ilsqr(local_field_ppm, mask, *, voxel_size_mm, b0_dir, tol_lsqr: float = 0.0
         smaller error on noisy fields (docs/ilsqr.md). ``False``: plain LSQR as published.
     keep_intermediate : bool
         Store the step maps in the info (implies nothing unless ``return_info``).
+    weights : ndarray, shape (X, Y, Z), optional
+        Data-fidelity weights of step 1, e.g. the inverse of the field's noise standard
+        deviation (:func:`qsm_core.inversion.weights.noise_weights`); they multiply the
+        Laplacian weights, after normalisation to mean 1 inside the mask. ``None``:
+        Laplacian weights only.
 
     Returns
     -------
@@ -277,6 +283,8 @@ def ilsqr(local_field_ppm, mask, *, voxel_size_mm, b0_dir, tol_lsqr: float = 0.0
     scale = hermitian_scale(grid.shape)
     vox = grid.voxel_size_mm
     w_lap = laplacian_weights(grid.field_ppm, grid.mask, vox)
+    if weights is not None:
+        w_lap *= grid_weights(weights, grid, method="ilsqr")
     info.step_times_s["prepare"] = time.perf_counter() - t0
 
     try:

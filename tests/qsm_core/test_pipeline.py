@@ -160,3 +160,18 @@ def test_bad_inputs(change, msg):
         kw["mask"] = np.ones((12, 12, 11))
     with pytest.raises(InputError, match=msg):
         reconstruct(mag, pha, change.get("te", TE), **kw)
+
+
+def test_noise_weights_and_smooth_offset_recorded(phantom):
+    kw = dict(affine=phantom["affine"], field_strength_t=3.0, mask=phantom["brain"])
+    res = reconstruct(phantom["mag"], phantom["phase"], TE,
+                      inversion_options={"max_iter": 5, "max_iter_streak": 2}, **kw)
+    assert res.parameters["data_weights"] == "noise"
+    assert res.parameters["inversion_options"] == {"max_iter": 5, "max_iter_streak": 2}
+    assert res.parameters["echo_fit"]["phase_offset"] == "smooth"
+    res = reconstruct(phantom["mag"], phantom["phase"], TE, method="tkd",
+                      fit_options={"phase_offset": "voxel"}, **kw)
+    assert res.parameters["data_weights"] == "none"  # closed form: no data term weights
+    assert res.parameters["echo_fit"]["phase_offset"] == "voxel"
+    with pytest.raises(InputError, match="data_weights"):
+        reconstruct(phantom["mag"], phantom["phase"], TE, data_weights="magnitude", **kw)
