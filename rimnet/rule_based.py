@@ -57,7 +57,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from qsm_core.errors import InputError
 from rimnet.patches import DEFAULT_CHANNELS, QSM_SCALE, _median
 
-__all__ = ["RuleBasedRimDetector", "rim_features", "truncated_edt", "FEATURE_NAMES"]
+__all__ = ["RuleBasedRimDetector", "rim_features", "rim_features_batch", "truncated_edt",
+           "FEATURE_NAMES"]
 
 FEATURE_NAMES = ("run_coverage", "max_coverage", "rim_minus_core_ppm", "rim_minus_nawm_ppm",
                  "nawm_ppm", "n_slices", "n_vein_voxels", "rule_call", "margin")
@@ -373,6 +374,249 @@ def rim_features(chi_ppm: np.ndarray, lesion: np.ndarray, others: np.ndarray | N
             "rule_call": int(call), "margin": margin}
 
 
+def _sq_dist_vox_batch(mask: np.ndarray, t_max: int, big: int, dtype) -> np.ndarray:
+    """:func:`_sq_dist_vox` of each mask of a stack, shape (N, X, Y, Z)."""
+    d2 = np.where(mask, dtype(0), dtype(big))
+    for axis in (1, 2, 3):
+        src = np.ascontiguousarray(np.moveaxis(d2, axis, 0))
+        out = src.copy()
+        tmp = np.empty_like(src)
+        for t in range(1, min(t_max, src.shape[0] - 1) + 1):
+            w = dtype(t * t)
+            np.add(src[:-t], w, out=tmp[:-t])
+            np.minimum(out[t:], tmp[:-t], out=out[t:])
+            np.add(src[t:], w, out=tmp[t:])
+            np.minimum(out[:-t], tmp[t:], out=out[:-t])
+        d2 = np.moveaxis(out, 0, axis)
+    return d2
+
+
+def _dilate_cube_batch(mask: np.ndarray) -> np.ndarray:
+    """:func:`_dilate_cube` of each mask of a stack, shape (N, X, Y, Z)."""
+    out = mask.copy()
+    for axis in (1, 2, 3):
+        src = out.copy()
+        lo = [slice(None)] * 4
+        hi = [slice(None)] * 4
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        out[tuple(lo)] |= src[tuple(hi)]
+        out[tuple(hi)] |= src[tuple(lo)]
+    return out
+
+
+_BATCH = 8
+"""Lesions per chunk in :func:`rim_features_batch`."""
+
+
+def rim_features_batch(chi_ppm: np.ndarray, lesion: np.ndarray,
+                       others: np.ndarray | None = None, **params) -> list[dict]:
+    """:func:`rim_features` of a stack of patches, computed together, with identical results.
+
+    Parameters
+    ----------
+    chi_ppm, lesion, others : ndarray, shape (N, P, P, P)
+        As for :func:`rim_features`, one patch per row (``others`` optional).
+    **params
+        The keyword options of :func:`rim_features`.
+
+    Returns
+    -------
+    list of dict
+        One :func:`rim_features` dict per patch, equal to it bit for bit.
+
+    Notes
+    -----
+    Each patch is processed on the whole patch instead of its cropped box, with the box
+    applied where it matters (vein components, the fallback NAWM ring, box-relative slice
+    centroids), and the distance tests taken from integer squared distances: the same
+    numbers in a few dozen array operations per chunk instead of a few hundred per lesion.
+    When the integer tests are not proven equal (:func:`_integer_cutoffs`), the lesions go
+    through :func:`rim_features` one by one.
+    """
+    chi_ppm, lesion = np.asarray(chi_ppm), np.asarray(lesion)
+    n = len(chi_ppm)
+    # chunks of lesions of similar size share a box size close to their own
+    order = np.argsort((lesion > 0.5).reshape(n, -1).sum(axis=1), kind="stable")
+    out: list[dict] = [{}] * n
+    for start in range(0, n, _BATCH):
+        rows = order[start:start + _BATCH]
+        feats = _rim_features_chunk(chi_ppm[rows], lesion[rows],
+                                    None if others is None else np.asarray(others)[rows],
+                                    **params)
+        for r, f in zip(rows, feats):
+            out[r] = f
+    return out
+
+
+def _rim_features_chunk(chi_ppm, lesion, others, *, spacing_mm: float = 1.0,
+                        rim_inner_mm: float = 2.0, rim_outer_mm: float = 1.0,
+                        nawm_inner_mm: float = 3.0, nawm_outer_mm: float = 6.0,
+                        n_sectors: int = 12, rim_contrast_ppm: float = 0.01,
+                        coverage_min: float = 2 / 3, min_slices: int = 2,
+                        min_sector_fraction: float = 0.5, vein_min_ppm: float = 0.10,
+                        vein_reach_mm: float = 3.0, contrast_scale_ppm: float = 0.02,
+                        slice_axis: int = 2) -> list[dict]:
+    kw = dict(spacing_mm=spacing_mm, rim_inner_mm=rim_inner_mm, rim_outer_mm=rim_outer_mm,
+              nawm_inner_mm=nawm_inner_mm, nawm_outer_mm=nawm_outer_mm, n_sectors=n_sectors,
+              rim_contrast_ppm=rim_contrast_ppm, coverage_min=coverage_min,
+              min_slices=min_slices, min_sector_fraction=min_sector_fraction,
+              vein_min_ppm=vein_min_ppm, vein_reach_mm=vein_reach_mm,
+              contrast_scale_ppm=contrast_scale_ppm, slice_axis=slice_axis)
+    inner_mm = max(rim_inner_mm, spacing_mm * 1.001)
+    outer_mm = max(rim_outer_mm, spacing_mm * 1.001)
+    vein_mm = rim_outer_mm + vein_reach_mm
+    t_in = int(np.floor((rim_inner_mm + spacing_mm) / spacing_mm))
+    t_out = int(np.floor(max(outer_mm, nawm_inner_mm, nawm_outer_mm, rim_outer_mm, vein_mm)
+                         / spacing_mm))
+    reach_mm = max(nawm_outer_mm, rim_outer_mm + vein_reach_mm) + spacing_mm
+    cut_out = cut_in = None
+    if _FAST_DISTANCES and t_out * spacing_mm <= reach_mm:
+        cut_out = _integer_cutoffs(float(spacing_mm), t_out, (
+            ("le", float(outer_mm)), ("gt", float(nawm_inner_mm)), ("le", float(nawm_outer_mm)),
+            ("gt", float(rim_outer_mm)), ("gt", float(vein_mm))))
+        cut_in = _integer_cutoffs(float(spacing_mm), t_in, (("le", float(inner_mm)),))
+    if cut_out is None or cut_in is None:
+        return [rim_features(c, le, None if others is None else o, **kw)
+                for c, le, o in zip(chi_ppm, lesion, others if others is not None
+                                    else [None] * len(chi_ppm))]
+
+    les_all = lesion > 0.5
+    nonempty = les_all.reshape(len(les_all), -1).any(axis=1)
+    results: list[dict | None] = [None] * len(les_all)
+    for i in np.flatnonzero(~nonempty):
+        results[i] = _empty_features()
+    rows = np.flatnonzero(nonempty)
+    if rows.size == 0:
+        return results
+    # each lesion's box (its bounding box plus the NAWM ring), as rim_features crops it;
+    # the chunk is cut to one common box size around them, `inbox` marking each one's own
+    les_rows = les_all[rows]
+    m, shape = len(rows), les_rows.shape[1:]
+    pad = int(np.ceil(max(nawm_outer_mm, vein_reach_mm + rim_outer_mm) / spacing_mm)) + 2
+    lo = np.zeros((m, 3), int)
+    hi = np.zeros((m, 3), int)
+    p01 = les_rows.any(axis=3)
+    profiles = (p01.any(axis=2), p01.any(axis=1), les_rows.any(axis=1).any(axis=1))
+    for a, prof in enumerate(profiles):  # prof: (m, shape[a])
+        first = np.argmax(prof, axis=1)
+        last = shape[a] - 1 - np.argmax(prof[:, ::-1], axis=1)
+        lo[:, a] = np.maximum(first - pad, 0)
+        hi[:, a] = np.minimum(last + pad + 1, shape[a])
+    size = (hi - lo).max(axis=0)
+    org = np.minimum(lo, np.asarray(shape) - size)  # where each lesion's common box starts
+    cut = [tuple(slice(o, o + b) for o, b in zip(org[k], size)) for k in range(m)]
+    les = np.stack([les_rows[k][cut[k]] for k in range(m)])
+    oth = (np.stack([others[r][cut[k]] for k, r in enumerate(rows)]) > 0.5
+           if others is not None else np.zeros_like(les))
+    oth &= ~les
+    chi = np.stack([np.asarray(chi_ppm[r][cut[k]], dtype=np.float32)
+                    for k, r in enumerate(rows)])
+    inbox = np.ones_like(les)
+    for a in range(3):
+        idx = np.arange(size[a])[None, :] + org[:, a, None]
+        sel = (idx >= lo[:, a, None]) & (idx < hi[:, a, None])
+        view = [m, 1, 1, 1]
+        view[a + 1] = size[a]
+        inbox &= sel.reshape(view)
+    lo = lo - org  # box starts in the common boxes' coordinates
+    if slice_axis != 2:
+        les, oth, chi, inbox = (np.moveaxis(x, slice_axis + 1, 3) for x in (les, oth, chi, inbox))
+        order = [a for a in range(3) if a != slice_axis] + [slice_axis]
+        lo = lo[:, order]
+
+    # distance tests (see _distance_regions; lesion voxels all lie inside their box)
+    n_out = _sq_dist_vox_batch(les, t_out, *_int_kind(t_out))
+    n_in = _sq_dist_vox_batch(~les, t_in, *_int_kind(t_in))
+    c_le, c_nawm_in, c_nawm_out, c_rim, c_vein = cut_out
+    free = ~oth
+    outside = ~les & free & inbox
+    inner = les & (n_in <= cut_in[0]) & free
+    outer = outside & (n_out <= c_le)
+    band = inner | outer
+    core = les & ~inner
+    ring = outside & (n_out > c_nawm_in) & (n_out <= c_nawm_out)
+    no_ring = ~ring.reshape(m, -1).any(axis=1)
+    if no_ring.any():
+        ring[no_ring] = outside[no_ring] & (n_out[no_ring] > c_rim)
+    nawm = np.array([float(_median(chi[k][ring[k]])) if ring[k].any() else 0.0
+                     for k in range(m)])
+    con = chi - nawm.astype(np.float32)[:, None, None, None]
+
+    # vein suppression, components labelled within each box
+    bright = (con > vein_min_ppm) & inbox
+    vein = np.zeros_like(les)
+    for k in np.flatnonzero(bright.reshape(m, -1).any(axis=1)):
+        comp, nc = ndimage.label(bright[k], structure=_STRUCT26)
+        veins = np.flatnonzero(np.bincount(comp[(n_out[k] > c_vein) & bright[k]],
+                                           minlength=nc + 1)[1:]) + 1
+        if veins.size:
+            vein[k] = np.isin(comp, veins)
+    if vein.any():
+        vein = _dilate_cube_batch(vein)
+    n_vein = (vein & (band | core)).reshape(m, -1).sum(axis=1)
+    core_ok = core & ~vein
+    core_ref = np.array([float(_median(con[k][core_ok[k]])) if core_ok[k].any() else 0.0
+                         for k in range(m)])
+    ref = np.maximum(core_ref, 0.0)
+
+    # angular sectors per slice, with box-relative centroids as in rim_features
+    nk = les.shape[3]
+    counts_l = les.sum(axis=(1, 2))  # (m, nk)
+    ii = np.arange(les.shape[1])
+    jj = np.arange(les.shape[2])
+    si = (les.sum(axis=2) * ii[None, :, None]).sum(axis=1) - lo[:, 0, None] * counts_l
+    sj = (les.sum(axis=1) * jj[None, :, None]).sum(axis=1) - lo[:, 1, None] * counts_l
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ci = si.astype(np.float64) / counts_l
+        cj = sj.astype(np.float64) / counts_l
+    bn, bi, bj, bk = np.nonzero(band)
+    keep = counts_l[bn, bk] > 0
+    bn, bi, bj, bk = bn[keep], bi[keep], bj[keep], bk[keep]
+    ang = np.arctan2((bj - lo[bn, 1]) - cj[bn, bk], (bi - lo[bn, 0]) - ci[bn, bk])
+    sec = np.minimum(((ang + np.pi) / (2 * np.pi) * n_sectors).astype(int), n_sectors - 1)
+    key = (bn * nk + bk) * n_sectors + sec  # slice order is all that matters: absolute
+    nbin = m * nk * n_sectors
+    usable = ~vein[bn, bi, bj, bk]
+    is_in = les[bn, bi, bj, bk]
+    vals = con[bn, bi, bj, bk]
+    tot = np.bincount(key, minlength=nbin).reshape(m, nk, n_sectors)
+    rim_val = np.full((m, nk, n_sectors), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for part in (usable & is_in, usable & ~is_in):
+            cnt = np.bincount(key[part], minlength=nbin).reshape(m, nk, n_sectors)
+            sm = np.bincount(key[part], weights=vals[part], minlength=nbin).reshape(
+                m, nk, n_sectors)
+            rim_val = np.fmax(rim_val, sm / cnt)
+    has = ~np.isnan(rim_val)
+    positive = has & (np.where(has, rim_val, -np.inf) - ref[:, None, None]
+                      > rim_contrast_ppm)
+    available = (tot > 0).sum(axis=2)
+    cov_all = np.where(available >= min_sector_fraction * n_sectors,
+                       positive.sum(axis=2) / np.maximum(available, 1), 0.0)
+    w = int(min_slices)
+    for k, row in enumerate(rows):
+        cov = cov_all[k][counts_l[k] > 0]
+        if cov.size >= w:
+            run = cov[:cov.size - w + 1].copy()
+            for j in range(1, w):
+                np.minimum(run, cov[j:j + run.size], out=run)
+            run_cov = float(run.max())
+        else:
+            run_cov = 0.0
+        hk = has[k]
+        rim_mean = float(rim_val[k][hk].mean()) if hk.any() else 0.0
+        rim_minus_core = rim_mean - float(core_ref[k])
+        call = bool(run_cov >= coverage_min - 1e-9 and rim_minus_core > 0)
+        ev = float(run_cov / coverage_min - 1.0 + rim_mean / contrast_scale_ppm)
+        margin = float(np.logaddexp(0.0, ev)) if call else -float(np.logaddexp(0.0, -ev))
+        results[row] = {
+            "run_coverage": run_cov, "max_coverage": float(cov.max()) if cov.size else 0.0,
+            "rim_minus_core_ppm": rim_minus_core, "rim_minus_nawm_ppm": rim_mean,
+            "nawm_ppm": float(nawm[k]), "n_slices": int(cov.size),
+            "n_vein_voxels": int(n_vein[k]), "rule_call": int(call), "margin": margin}
+    return results
+
+
 class RuleBasedRimDetector(ClassifierMixin, BaseEstimator):
     """NAIMS-inspired rule-based PRL detector with a scikit-learn interface.
 
@@ -471,8 +715,9 @@ class RuleBasedRimDetector(ClassifierMixin, BaseEstimator):
             "rim_inner_mm", "rim_outer_mm", "nawm_inner_mm", "nawm_outer_mm", "n_sectors",
             "rim_contrast_ppm", "coverage_min", "min_slices", "min_sector_fraction",
             "vein_min_ppm", "vein_reach_mm", "contrast_scale_ppm", "slice_axis")}
-        rows = [rim_features(x[iq] / QSM_SCALE, x[il], x[io] if io is not None else None,
-                             spacing_mm=spacing, **kw) for x in X]
+        rows = rim_features_batch(X[:, iq] / QSM_SCALE, X[:, il],
+                                  X[:, io] if io is not None else None, spacing_mm=spacing,
+                                  **kw)
         return pd.DataFrame(rows, columns=list(FEATURE_NAMES))
 
     # -- estimator API --------------------------------------------------------------------

@@ -86,3 +86,32 @@ def test_ambiguous_threshold_falls_back_to_float32(rng):
     fast = rb._distance_regions(les, **kw)
     d_out = rb.truncated_edt(les, spacing_mm=s, max_mm=8.0)
     np.testing.assert_array_equal(fast[2], (d_out > 3.0) & (d_out <= t))
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"spacing_mm": 4 / 3},
+    {"slice_axis": 0, "rim_outer_mm": 1.5},
+    {"slice_axis": 1, "n_sectors": 8, "min_slices": 3},
+    {"spacing_mm": 0.5, "rim_inner_mm": 1.0, "nawm_outer_mm": 4.0},
+])
+def test_batch_equals_one_by_one(rng, kw):
+    X = random_patches(rng, n=13)
+    X[4, 2:] = 0  # an empty lesion channel
+    chi = X[:, 0] / QSM_SCALE
+    one = [rb.rim_features(chi[i], X[i, 2], X[i, 3], **kw) for i in range(len(X))]
+    assert rb.rim_features_batch(chi, X[:, 2], X[:, 3], **kw) == one
+    one = [rb.rim_features(chi[i], X[i, 2], **kw) for i in range(len(X))]
+    assert rb.rim_features_batch(chi, X[:, 2], **kw) == one
+    assert one[4] == rb._empty_features()
+
+
+def test_batch_falls_back_when_integer_tests_are_not_proven(rng, monkeypatch):
+    X = random_patches(rng, n=4)
+    chi = X[:, 0] / QSM_SCALE
+    calls = []
+    real = rb.rim_features
+    monkeypatch.setattr(rb, "rim_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(rb, "_FAST_DISTANCES", False)
+    out = rb.rim_features_batch(chi, X[:, 2], X[:, 3])
+    assert len(calls) == 4 and out == [real(chi[i], X[i, 2], X[i, 3]) for i in range(4)]
