@@ -320,30 +320,38 @@ def _extract_on_grid(prepared: dict, labels: np.ndarray, ids: np.ndarray, cents:
         for ch, name in enumerate(channels):
             if name in prepared:
                 vol, fn = prepared[name]
+                # A Fortran-ordered volume (as NIfTI files load) is cut through its
+                # transpose, so that crops read contiguous rows; the buffers then hold
+                # (z, y, x) blocks and the same interpolations run on the mirrored axes.
+                flip = vol.flags.f_contiguous and not vol.flags.c_contiguous
+                src_vol = vol.T if flip else vol
                 g = block[:k]
                 for j, r in enumerate(rows):
-                    s0, s1, s2 = starts[r]
-                    crop = vol[s0:s0 + p + 1, s1:s1 + p + 1, s2:s2 + p + 1]
+                    s0, s1, s2 = starts[r][::-1] if flip else starts[r]
+                    crop = src_vol[s0:s0 + p + 1, s1:s1 + p + 1, s2:s2 + p + 1]
                     if vol.dtype == np.float32:  # transform straight from the volume
                         fn(crop, out=g[j])
                     else:  # cast first, as the transform does
                         g[j] = crop
                         fn(g[j], out=g[j])
                 src = g
-                last = out[dest, ch] if isinstance(dest, slice) else d2[:k]
+                direct = isinstance(dest, slice) and not flip
+                last = out[dest, ch] if direct else d2[:k]
                 for axis, dst in enumerate((d0[:k], d1[:k], last)):
+                    ax = 3 - axis if flip else axis + 1  # buffer axis of volume axis `axis`
                     lo = [slice(None)] * 4
                     hi = [slice(None)] * 4
-                    lo[axis + 1], hi[axis + 1] = slice(0, p), slice(1, p + 1)
+                    lo[ax], hi[ax] = slice(0, p), slice(1, p + 1)
                     a, b = src[tuple(lo)], src[tuple(hi)]
                     shape = [k, 1, 1, 1]
-                    shape[axis + 1] = p
+                    shape[ax] = p
+                    dst = dst.reshape(a.shape) if flip else dst
                     np.subtract(b, a, out=dst)
                     np.multiply(dst, w1[r0:r0 + k, axis].reshape(shape), out=dst)
                     np.add(dst, a, out=dst)  # IEEE addition is commutative: a + (b - a) * w
                     src = dst
-                if not isinstance(dest, slice):
-                    out[dest, ch] = src
+                if not direct:
+                    out[dest, ch] = src.transpose(0, 3, 2, 1) if flip else src
             else:
                 for j, r in enumerate(rows):
                     s0, s1, s2 = near[r]

@@ -28,6 +28,7 @@ def _reference_path(monkeypatch):
                         lambda cents, *a, **k: np.zeros(len(cents), bool))
 
 
+@pytest.mark.parametrize("layout", ["C", "F"])  # NIfTI volumes load Fortran-ordered
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("geometry", [
     ((1.0, 1.0, 1.0), 32.0, 32, ("qsm", "flair", "lesion", "others")),
@@ -35,9 +36,11 @@ def _reference_path(monkeypatch):
     ((0.5, 0.5, 0.5), 12.0, 24, ("qsm", "lesion")),
     ((0.9, 0.9, 2.0), 32.0, 32, ("qsm", "flair", "lesion", "others")),  # off-grid: reference
 ])
-def test_batched_path_equals_per_lesion_path_bit_for_bit(rng, monkeypatch, dtype, geometry):
+def test_batched_path_equals_per_lesion_path_bit_for_bit(rng, monkeypatch, dtype, geometry,
+                                                         layout):
     vs, patch_mm, p, channels = geometry
     chi, flair, labels, ids = _scan(rng, dtype=dtype)
+    chi, flair, labels = (np.asarray(a, order=layout) for a in (chi, flair, labels))
     cents = lesion_centroids_vox(labels, ids)
     cents[::3] = np.round(cents[::3])  # integer centres: zero interpolation weights
     cents[1::5] = np.floor(cents[1::5]) + 0.5
