@@ -20,8 +20,11 @@ For each patch:
 * the share of edge-band voxels (inner layer 1 and outer layer 1) brighter than the
   reference by ``positive_ppm`` -- a voxel-wise stand-in for NAIMS angular coverage;
 * the rim-minus-core contrast ``max(edge layers) - core`` (core: the deepest non-empty
-  inner layer);
-* the lesion size, ``log1p(voxels)``.
+  inner layer).
+
+Lesion size is deliberately not a feature: PRLs are larger than rimless lesions on
+average, but a size shortcut would not transfer to cohorts where they are not; the score
+should rest on the rim itself.
 
 The batch is first cropped to the union bounding box of its lesions plus 7 voxels (every
 shell lies within 6 layers of its lesion, so this changes nothing but the cost); batches
@@ -43,7 +46,7 @@ from rimnet.patches import QSM_SCALE
 __all__ = ["ShellFeatures", "SHELL_FEATURE_NAMES"]
 
 SHELL_FEATURE_NAMES = ("noise", "in1", "in2", "in3", "core", "out1", "out2",
-                       "edge_positive_fraction", "rim_minus_core", "log_volume")
+                       "edge_positive_fraction", "rim_minus_core")
 
 
 def _dilate(m: torch.Tensor) -> torch.Tensor:
@@ -143,7 +146,6 @@ class ShellFeatures(nn.Module):
         def f(m):
             return m.to(q.dtype)
 
-        les = f(les_b)
         inner = [f(les_b & ~e1), f(e1 & ~e2), f(e2 & ~e3)]
         e3 = f(e3)
         outer = [f(dil[k] & ~dil[k - 1] & free_b) for k in (1, 2)]
@@ -170,7 +172,6 @@ class ShellFeatures(nn.Module):
         edge = inner[0] + outer[0]
         pos, _ = _masked_mean((c > self.positive).float(), edge)
         rim_minus_core = torch.maximum(in1, out1) - deepest
-        log_vol = torch.log1p(les.sum(dim=(1, 2, 3, 4)))
-        feats = torch.stack([noise, in1, in2, in3, core, out1, out2, pos, rim_minus_core,
-                             log_vol], dim=1)
+        feats = torch.stack([noise, in1, in2, in3, core, out1, out2, pos, rim_minus_core],
+                            dim=1)
         return feats, ref
