@@ -75,18 +75,9 @@ def _split_run(n: int, threads: int, work) -> list:
     return [first] + [f.result() for f in futures]
 
 
-_DOT_CHUNK = 8192  # OpenBLAS runs dot products this short on the calling thread only
-
-
 def _dot32(a: np.ndarray, b: np.ndarray) -> float:
-    """Inner product of two float32 arrays of the same shape, on the calling thread.
-
-    BLAS ``sdot`` in chunks short enough that OpenBLAS starts no threads of its own (the
-    fused kernels already run one block per core).
-    """
-    a, b = a.reshape(-1), b.reshape(-1)
-    return float(sum(np.dot(a[i: i + _DOT_CHUNK], b[i: i + _DOT_CHUNK])
-                     for i in range(0, a.size, _DOT_CHUNK)))
+    """Inner product of two float32 blocks (BLAS ``sdot``; short, so on this thread)."""
+    return float(np.dot(a.reshape(-1), b.reshape(-1)))
 
 
 def _rows_per_block(shape) -> int:
@@ -276,34 +267,65 @@ class NumpyBackend:
         _split_run(rx.size, self.threads, work)
         return x
 
-    def weighted_residual(self, img, weight, u, c: float, out) -> float:
-        """``u = weight * img - c u`` (in place), ``out = weight * u``; returns ``||u||^2``.
+    def lsqr_update_group(self, x, w, updates, lo: int, hi: int):
+        """``x += a w`` then ``w = v + c w`` for each ``(a, c, v)`` in turn, in one sweep.
+
+        Only the elements ``[lo, hi)`` of the real views are touched; ``c`` None means
+        only ``x += a w``. Returns ``x``.
+        """
+        rx, rw = self.real_view(x), self.real_view(w)
+        rvs = [(a, c, None if c is None else self.real_view(v)) for a, c, v in updates]
+
+        def work(p0, p1):
+            p0, p1 = lo + p0, lo + p1
+            tmp = np.empty(min(BLOCK_ELEMS, max(p1 - p0, 1)), np.float32)
+            for s in range(p0, p1, BLOCK_ELEMS):
+                e = min(s + BLOCK_ELEMS, p1)
+                t, xb, wb = tmp[: e - s], rx[s:e], rw[s:e]
+                for a, c, rv in rvs:
+                    np.multiply(wb, a, out=t)
+                    np.add(xb, t, out=xb)
+                    if c is not None:
+                        np.multiply(wb, c, out=wb)
+                        np.add(wb, rv[s:e], out=wb)
+
+        if hi > lo:
+            _split_run(hi - lo, self.threads, work)
+        return x
+
+    def weighted_residual(self, img, w_sq, out, c: float, w_inv_sq) -> float:
+        """``out = w_sq * img - c out`` (in place); returns ``sum w_inv_sq out^2``.
+
+        With ``out = W u`` (a data vector stored pre-weighted, in the box of the adjoint's
+        zero-padded FFT input) this is ``W (W img - c u)`` and its norm ``||u||^2``.
 
         Parameters
         ----------
         img : ndarray, shape (X, Y, Z), float32
             May be a strided view (a box inside a padded image).
-        weight, u : ndarray, shape (X, Y, Z), float32, contiguous
-        c : float
+        w_sq, w_inv_sq : ndarray, shape (X, Y, Z), float32, contiguous
+            ``W^2`` and ``1 / W^2`` (0 where ``W = 0``).
         out : ndarray, shape (X, Y, Z), float32
-            May be a view (the box of a zero-padded FFT input).
+            May be a strided view.
+        c : float
         """
-        rows = _rows_per_block(u.shape)
+        rows = _rows_per_block(w_sq.shape)
 
         def work(lo, hi):
             acc = 0.0
-            tmp = np.empty((min(rows, hi - lo),) + u.shape[1:], np.float32)
+            tmp = np.empty((min(rows, hi - lo),) + w_sq.shape[1:], np.float32)
             for s in range(lo, hi, rows):
                 e = min(s + rows, hi)
-                t, ub, wb = tmp[: e - s], u[s:e], weight[s:e]
-                np.multiply(wb, img[s:e], out=t)
-                np.multiply(ub, c, out=ub)
-                np.subtract(t, ub, out=ub)
-                acc += _dot32(ub, ub)
-                np.multiply(wb, ub, out=out[s:e])
+                t, ob = tmp[: e - s], out[s:e]
+                np.multiply(w_sq[s:e], img[s:e], out=t)
+                np.multiply(ob, c, out=ob)
+                np.subtract(t, ob, out=ob)
+                np.multiply(ob, w_inv_sq[s:e], out=t)
+                np.multiply(t, ob, out=t)
+                acc += float(np.add.reduce(t, axis=None))
             return acc
 
-        return float(sum(_split_run(u.shape[0], self.threads, work)))
+        return float(sum(_split_run(w_sq.shape[0], self.threads, work)))
 
     def spectrum_update(self, s, v, c: float, k_mul, k_norm):
         """``s = k_mul * s - c v`` (in place) on half spectra, and its weighted norm.
@@ -608,12 +630,19 @@ class TorchBackend:
         rw.mul_(c).add_(self.real_view(v))
         return x
 
-    def weighted_residual(self, img, weight, u, c: float, out) -> float:
-        """``u = weight * img - c u``, ``out = weight * u``; returns ``||u||^2``."""
-        u.mul_(-c).addcmul_(weight, img)
-        out.copy_(weight * u)
-        flat = u.reshape(-1)
-        return float(self.torch.dot(flat, flat))
+    def lsqr_update_group(self, x, w, updates, lo: int, hi: int):
+        """``x += a w; w = v + c w`` for each ``(a, c, v)``, on real elements ``[lo, hi)``."""
+        rx, rw = self.real_view(x)[lo:hi], self.real_view(w)[lo:hi]
+        for a, c, v in updates:
+            rx.add_(rw, alpha=a)
+            if c is not None:
+                rw.mul_(c).add_(self.real_view(v)[lo:hi])
+        return x
+
+    def weighted_residual(self, img, w_sq, out, c: float, w_inv_sq) -> float:
+        """``out = w_sq * img - c out`` (in place); returns ``sum w_inv_sq out^2``."""
+        out.mul_(-c).addcmul_(w_sq, img)
+        return float((out.square() * w_inv_sq).sum())
 
     def spectrum_update(self, s, v, c: float, k_mul, k_norm):
         """``s = k_mul * s - c v`` (in place); sums of ``k_norm |s|^2`` (all, first, last)."""

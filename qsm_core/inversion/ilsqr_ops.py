@@ -77,6 +77,8 @@ class WeightedDipoleOp(LinearOperator):
         Data weight ``W`` (zero outside the mask).
     """
 
+    keeps_v = True
+
     def __init__(self, bk, grid: Grid, d: np.ndarray, scale: np.ndarray, weight: np.ndarray):
         self.backend = bk
         self.fft = TimedFFT(bk)
@@ -90,11 +92,20 @@ class WeightedDipoleOp(LinearOperator):
             inv_d2 = np.where(d2 > 0, 1.0 / np.where(d2 > 0, d2, 1.0), 0.0)
         self.k_sq = bk.asarray(d2.astype(np.float32))
         self.k_inv_sq = bk.asarray(inv_d2.astype(np.float32))
-        self.weight = bk.asarray(weight[grid.box])
+        w = np.asarray(weight[grid.box], np.float64)
+        w = np.where(w * w > 1e-30, w, 0.0)  # (weights this small are zero in float32)
+        with np.errstate(divide="ignore"):
+            w_inv_sq = np.where(w > 0, 1.0 / np.where(w > 0, w * w, 1.0), 0.0)
+        self.weight = bk.asarray(w.astype(np.float32))
+        self.w_sq = bk.asarray((w * w).astype(np.float32))
+        self.w_inv_sq = bk.asarray(w_inv_sq.astype(np.float32))
+        # Data vectors u are stored pre-weighted, as W u in the box of this zero-padded
+        # array (the adjoint's FFT input): the LSQR update becomes W^2 img - c (W u) and
+        # the norm sum (W u)^2 / W^2, so u needs neither an array nor a copy of its own.
         self.pad = bk.zeros(grid.shape)
         self._vnorm = (None, 0.0)  # (vector, norm) cached by rmatvec_update
         self._unorm = (None, 0.0)  # (vector, norm) cached by matvec_update
-        self._pad_of = None  # the data vector u whose W u fills pad[box]
+        self._pad_of = None  # the plain data vector u whose W u fills pad[box]
 
     # -- helpers -------------------------------------------------------------------------
     def _hermitian(self, total: float, first: float, last: float) -> float:
@@ -128,19 +139,34 @@ class WeightedDipoleOp(LinearOperator):
             self._vnorm = (v, self._vnorm[1] * abs(alpha))
         return v
 
+    def _plain(self, u):
+        """A data vector as a plain box array (``u`` itself unless it is the pad)."""
+        if u is self.pad:
+            return self.backend.mul(u[self.box], self.backend.asarray(
+                np.sqrt(self.backend.to_numpy(self.w_inv_sq))))
+        return u
+
     def unorm(self, u):
         """Norm of a data-space vector (cached by :meth:`matvec_update`)."""
         if self._unorm[0] is u:
             return self._unorm[1]
-        return self.backend.nrm2(u)
+        return self.backend.nrm2(self._plain(u))
+
+    def udot(self, a, b):
+        """Inner product of two data-space vectors."""
+        return self.backend.dot(self._plain(a), self._plain(b))
 
     def uscale(self, alpha, u):
         """Scale a data-space vector in place."""
-        self.backend.scal(alpha, u)
+        if u is self.pad:
+            box = self.pad[self.box]
+            self.backend.mul(box, alpha, out=box)
+        else:
+            self.backend.scal(alpha, u)
+            if self._pad_of is u:
+                self._pad_of = None  # W u in pad is stale
         if self._unorm[0] is u:
             self._unorm = (u, self._unorm[1] * abs(alpha))
-        if self._pad_of is u:
-            self._pad_of = None  # W u in pad is stale
         return u
 
     # -- products ----------------------------------------------------------------------------
@@ -161,18 +187,23 @@ class WeightedDipoleOp(LinearOperator):
         return self.backend.mul(self._image(v)[self.box], self.weight)
 
     def matvec_update(self, v, u, alpha):
-        """``A v - alpha u`` in one sweep (overwrites ``u``; caches the norm)."""
-        # One sweep: u <- W img - alpha u, its norm, and W u into the adjoint's FFT input.
+        """``A v - alpha u`` in one sweep, as ``W (A v - alpha u)`` in the pad (returned)."""
         img = self._image(v)
-        sq = self.backend.weighted_residual(img[self.box], self.weight, u, alpha,
-                                            self.pad[self.box])
-        self._unorm = (u, math.sqrt(max(sq, 0.0)))
-        self._pad_of = u
-        return u
+        self._load_pad(u)
+        sq = self.backend.weighted_residual(img[self.box], self.w_sq, self.pad[self.box],
+                                            alpha, self.w_inv_sq)
+        self._unorm = (self.pad, math.sqrt(max(sq, 0.0)))
+        self._pad_of = None
+        return self.pad
+
+    def _load_pad(self, u):
+        """Make the pad hold ``W u`` (a no-op when ``u`` is the pad)."""
+        if u is not self.pad and self._pad_of is not u:
+            self.backend.mul(u, self.weight, out=self.pad[self.box])
+            self._pad_of = u
 
     def _adjoint_spectrum(self, u):
-        if self._pad_of is not u:
-            self.backend.mul(u, self.weight, out=self.pad[self.box])
+        self._load_pad(u)
         return self.fft.rfftn(self.pad)
 
     def rmatvec(self, u):
@@ -218,6 +249,8 @@ class ConeGradientOp(LinearOperator):
         Right-precondition by ``1 / |G(k)|`` (the forward-difference gradient's k-space
         magnitude).
     """
+
+    keeps_v = True
 
     def __init__(self, bk, grid: Grid, cone: np.ndarray, scale: np.ndarray,
                  gweights: np.ndarray, precondition: bool = False):
