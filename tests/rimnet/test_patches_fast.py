@@ -76,13 +76,19 @@ def test_median_is_numpys(rng, n):
         assert a == b and type(a) is type(b)
 
 
-def test_flair_reference_unchanged(rng):
-    flair = rng.gamma(4.0, 25.0, (120, 100, 90)).astype(np.float32)  # 1.08 M voxels
+def test_flair_reference_is_layout_free_and_close_to_the_full_median(rng):
+    flair = rng.gamma(4.0, 25.0, (140, 130, 120)).astype(np.float32)  # 2.2 M voxels: sub-grid
     labels = (rng.random(flair.shape) < 0.02).astype(np.int32)
     brain = rng.random(flair.shape) < 0.97
-    sel = brain & (labels == 0)
-    vals = flair[sel]
-    expected = float(np.median(vals[:: vals.size // 500_000]))
-    assert flair_reference(flair, lesion_labels=labels, brain_mask=brain) == expected
-    assert flair_reference(flair, lesion_labels=labels,
-                           brain_mask=brain.astype(np.uint8)) == expected
+    full = float(np.median(flair[brain & (labels == 0)]))
+    ref = flair_reference(flair, lesion_labels=labels, brain_mask=brain)
+    assert abs(ref - full) / full < 2e-3
+    for order in ("F", "C"):
+        assert flair_reference(np.asarray(flair, order=order),
+                               lesion_labels=np.asarray(labels, order="C"),
+                               brain_mask=np.asarray(brain.astype(np.uint8), order=order)) == ref
+    # small volumes: the exact median of every normal-appearing voxel
+    small = flair[:100, :100, :100]
+    sel = brain[:100, :100, :100] & (labels[:100, :100, :100] == 0)
+    assert flair_reference(small, lesion_labels=labels[:100, :100, :100],
+                           brain_mask=brain[:100, :100, :100]) == float(np.median(small[sel]))
