@@ -313,16 +313,16 @@ class NumpyBackend:
 
         def work(lo, hi):
             acc = 0.0
-            tmp = np.empty((min(rows, hi - lo),) + w_sq.shape[1:], np.float32)
+            tmp = np.empty((2, min(rows, hi - lo)) + w_sq.shape[1:], np.float32)
             for s in range(lo, hi, rows):
                 e = min(s + rows, hi)
-                t, ob = tmp[: e - s], out[s:e]
+                t, t2, ob = tmp[0, : e - s], tmp[1, : e - s], out[s:e]
+                np.multiply(ob, c, out=t2)  # the strided arrays are touched once each
                 np.multiply(w_sq[s:e], img[s:e], out=t)
-                np.multiply(ob, c, out=ob)
-                np.subtract(t, ob, out=ob)
-                np.multiply(ob, w_inv_sq[s:e], out=t)
-                np.multiply(t, ob, out=t)
-                acc += float(np.add.reduce(t, axis=None))
+                np.subtract(t, t2, out=t)
+                np.copyto(ob, t)
+                np.multiply(t, w_inv_sq[s:e], out=t2)
+                acc += _dot32(t2, t)
             return acc
 
         return float(sum(_split_run(w_sq.shape[0], self.threads, work)))
@@ -334,8 +334,8 @@ class NumpyBackend:
         ----------
         s, v : ndarray, shape (X, Y, M), complex64, contiguous
         c : float
-        k_mul, k_norm : ndarray, shape (X, Y, M), float32
-            Real kernels (from :meth:`asarray`, not :meth:`kernel`).
+        k_mul, k_norm : ndarray
+            Real kernels from :meth:`kernel` (interleaved to match the real views).
 
         Returns
         -------
@@ -344,22 +344,24 @@ class NumpyBackend:
             over the plane ``[..., -1]`` (for Hermitian weights).
         """
         shape = s.shape
-        rows = _rows_per_block(shape[:-1] + (2 * shape[-1],))
+        plane = 2 * shape[1] * shape[2]
+        rows = _rows_per_block((shape[0], plane))
+        rs_all, rv_all = self.real_view(s), self.real_view(v)
 
         def work(lo, hi):
             tot = first = last = 0.0
-            tmp = np.empty((min(rows, hi - lo),) + shape[1:], s.dtype)
+            tmp = np.empty(min(rows, hi - lo) * plane, np.float32)
             for r0 in range(lo, hi, rows):
                 r1 = min(r0 + rows, hi)
-                t, sb = tmp[: r1 - r0], s[r0:r1]
-                np.multiply(sb, k_mul[r0:r1], out=sb)
-                np.multiply(v[r0:r1], c, out=t)
-                np.subtract(sb, t, out=sb)
-                np.multiply(sb, k_norm[r0:r1], out=t)
-                rs, rt = self.real_view(sb), self.real_view(t)
-                tot += _dot32(rs, rt)
+                a, b = r0 * plane, r1 * plane
+                t, rs = tmp[: b - a], rs_all[a:b]
+                np.multiply(rs, k_mul[a:b], out=rs)
+                np.multiply(rv_all[a:b], c, out=t)
+                np.subtract(rs, t, out=rs)
+                np.multiply(rs, k_norm[a:b], out=t)
+                tot += _dot32(rs, t)
                 s4 = rs.reshape(r1 - r0, shape[1], shape[2], 2)
-                t4 = rt.reshape(r1 - r0, shape[1], shape[2], 2)
+                t4 = t.reshape(r1 - r0, shape[1], shape[2], 2)
                 first += _dot32(s4[:, :, 0], t4[:, :, 0])
                 last += _dot32(s4[:, :, -1], t4[:, :, -1])
             return tot, first, last
@@ -646,8 +648,9 @@ class TorchBackend:
 
     def spectrum_update(self, s, v, c: float, k_mul, k_norm):
         """``s = k_mul * s - c v`` (in place); sums of ``k_norm |s|^2`` (all, first, last)."""
-        s.mul_(k_mul).sub_(v, alpha=c)
-        sq = self.torch.view_as_real(s).square().sum(-1) * k_norm
+        rs = self.real_view(s)
+        rs.mul_(k_mul).sub_(self.real_view(v), alpha=c)
+        sq = (rs.square() * k_norm).reshape(s.shape + (2,)).sum(-1)
         return float(sq.sum()), float(sq[:, :, 0].sum()), float(sq[:, :, -1].sum())
 
     def scatter_scaled(self, buf, idx, values, kernel):

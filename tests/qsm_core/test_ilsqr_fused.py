@@ -105,7 +105,7 @@ def test_spectrum_update(bk, rng, nz):
     k_mul = rng.random(shape).astype(np.float32)
     k_norm = rng.random(shape).astype(np.float32)
     s = _arr(bk, s0)
-    sums = bk.spectrum_update(s, bk.asarray(v0), 0.6, bk.asarray(k_mul), bk.asarray(k_norm))
+    sums = bk.spectrum_update(s, bk.asarray(v0), 0.6, bk.kernel(k_mul), bk.kernel(k_norm))
     ref = k_mul * s0.astype(np.complex128) - 0.6 * v0
     _close(_np(bk, s), ref)
     sq = k_norm * np.abs(ref) ** 2
