@@ -270,6 +270,36 @@ def _sample_nearest(vol: np.ndarray, coords: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+def worker_threads() -> int:
+    """Threads for the per-lesion array work of patches and the rule-based detector.
+
+    ``OMP_NUM_THREADS`` when set (the convention torch and BLAS follow too), else the CPU
+    cores this process may run on. Results never depend on it: lesions are split into
+    independent groups.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(os.cpu_count() or 1, 1)
+
+
+def map_threads(fn, items: list, *, min_items: int = 2) -> list:
+    """``[fn(i) for i in items]``, on :func:`worker_threads` threads when worthwhile.
+
+    numpy releases the GIL inside its array loops, so independent groups of lesions overlap.
+    """
+    n = min(worker_threads(), len(items))
+    if n < 2 or len(items) < min_items:
+        return [fn(i) for i in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(fn, items))
+
+
 _BLOCK_CHUNK = 4
 """Lesions per batched gather in :func:`_extract_on_grid` (bounds its temporary memory)."""
 
@@ -482,10 +512,14 @@ def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
     on_grid = _on_grid_lesions(cents, labels.shape, voxel_size_mm=vs, patch_mm=patch_mm,
                                patch_voxels=patch_voxels)
     fast = np.flatnonzero(on_grid)
-    if fast.size:
-        _extract_on_grid(prepared, labels, np.asarray(ids)[fast], cents[fast],
-                         channels=channels, voxel_size_mm=vs, patch_mm=patch_mm,
-                         patch_voxels=patch_voxels, out=out, rows_out=fast)
+    ids_arr = np.asarray(ids)
+    # contiguous groups of lesions, one per thread (each with its own buffers)
+    groups = [g for g in np.array_split(fast, min(worker_threads(), max(fast.size // 8, 1)))
+              if g.size]
+    map_threads(lambda g: _extract_on_grid(prepared, labels, ids_arr[g], cents[g],
+                                           channels=channels, voxel_size_mm=vs,
+                                           patch_mm=patch_mm, patch_voxels=patch_voxels,
+                                           out=out, rows_out=g), groups)
     for k in np.flatnonzero(~on_grid):
         lid, cen = ids[k], cents[k]
         coords = patch_coordinates(cen, voxel_size_mm=vs, patch_mm=patch_mm,

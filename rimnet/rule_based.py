@@ -55,7 +55,7 @@ from scipy import ndimage
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from qsm_core.errors import InputError
-from rimnet.patches import DEFAULT_CHANNELS, QSM_SCALE, _median
+from rimnet.patches import DEFAULT_CHANNELS, QSM_SCALE, _median, map_threads
 
 __all__ = ["RuleBasedRimDetector", "rim_features", "rim_features_batch", "truncated_edt",
            "FEATURE_NAMES"]
@@ -434,16 +434,17 @@ def rim_features_batch(chi_ppm: np.ndarray, lesion: np.ndarray,
     through :func:`rim_features` one by one.
     """
     chi_ppm, lesion = np.asarray(chi_ppm), np.asarray(lesion)
+    others = None if others is None else np.asarray(others)
     n = len(chi_ppm)
     # chunks of lesions of similar size share a box size close to their own
     order = np.argsort((lesion > 0.5).reshape(n, -1).sum(axis=1), kind="stable")
+    chunks = [order[s:s + _BATCH] for s in range(0, n, _BATCH)]
+    feats = map_threads(lambda rows: _rim_features_chunk(
+        chi_ppm[rows], lesion[rows], None if others is None else others[rows], **params),
+        chunks)
     out: list[dict] = [{}] * n
-    for start in range(0, n, _BATCH):
-        rows = order[start:start + _BATCH]
-        feats = _rim_features_chunk(chi_ppm[rows], lesion[rows],
-                                    None if others is None else np.asarray(others)[rows],
-                                    **params)
-        for r, f in zip(rows, feats):
+    for rows, fs in zip(chunks, feats):
+        for r, f in zip(rows, fs):
             out[r] = f
     return out
 

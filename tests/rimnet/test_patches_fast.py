@@ -92,3 +92,19 @@ def test_flair_reference_is_layout_free_and_close_to_the_full_median(rng):
     sel = brain[:100, :100, :100] & (labels[:100, :100, :100] == 0)
     assert flair_reference(small, lesion_labels=labels[:100, :100, :100],
                            brain_mask=brain[:100, :100, :100]) == float(np.median(small[sel]))
+
+
+def test_threads_do_not_change_patches_or_rule_features(rng, monkeypatch):
+    from rimnet.patches import worker_threads
+    from rimnet.rule_based import rim_features_batch
+
+    chi, flair, labels, ids = _scan(rng, n=20)
+    kw = dict(voxel_size_mm=(1, 1, 1), patch_mm=16.0, patch_voxels=16)
+    res = {}
+    for threads in ("1", "3"):
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        assert worker_threads() == int(threads)
+        p = extract_patches({"qsm": chi, "flair": flair}, labels, ids, **kw)
+        res[threads] = (p, rim_features_batch(p[:, 0] / 10.0, p[:, 2], p[:, 3], spacing_mm=1.0))
+    np.testing.assert_array_equal(res["1"][0], res["3"][0])
+    assert res["1"][1] == res["3"][1]
