@@ -527,11 +527,19 @@ def _rim_features_chunk(chi_ppm, lesion, others, *, spacing_mm: float = 1.0,
 
     # distance tests (see _distance_regions; lesion voxels all lie inside their box)
     n_out = _sq_dist_vox_batch(les, t_out, *_int_kind(t_out))
-    n_in = _sq_dist_vox_batch(~les, t_in, *_int_kind(t_in))
+    # d_in only on the union of the lesions' bounding boxes plus one voxel, which holds
+    # the nearest non-lesion voxel of every lesion voxel (as in _distance_regions)
+    crop = [slice(None)]
+    for a in (1, 2, 3):
+        idx = np.flatnonzero(les.any(axis=tuple(b for b in (0, 1, 2, 3) if b != a)))
+        crop.append(slice(max(int(idx[0]) - 1, 0), int(idx[-1]) + 2))
+    crop = tuple(crop)
+    n_in = _sq_dist_vox_batch(~les[crop], t_in, *_int_kind(t_in))
     c_le, c_nawm_in, c_nawm_out, c_rim, c_vein = cut_out
     free = ~oth
     outside = ~les & free & inbox
-    inner = les & (n_in <= cut_in[0]) & free
+    inner = np.zeros_like(les)
+    inner[crop] = les[crop] & (n_in <= cut_in[0]) & free[crop]
     outer = outside & (n_out <= c_le)
     band = inner | outer
     core = les & ~inner
