@@ -10,7 +10,8 @@ K networks together, with the same results to float rounding:
    one convolution (:func:`torch.fx.experimental.optimization.fuse`; skipped, with a debug
    log, for a network that ``torch.fx`` cannot trace) and every ``MaxPool3d(3, stride=2,
    padding=1)`` replaced by :func:`max_pool3d_k3s2p1`, an exact separable version that is
-   ~5x faster on CPU;
+   ~5x faster on CPU, moved before the bias and ReLU of the convolution feeding it (exact:
+   they commute), which then act on 1/8 of the values;
 2. the K copies' parameters are stacked and the network is run once under
    :func:`torch.vmap`: the first convolution, which sees the shared input, becomes one
    convolution with K times the output channels, and the later ones grouped convolutions.
@@ -112,22 +113,74 @@ def _is_k3s2p1(m: nn.Module) -> bool:
             and not m.return_indices)
 
 
+class _BiasReLU(nn.Module):
+    """``relu(x + bias)`` per channel (axis 1)."""
+
+    def __init__(self, bias: torch.Tensor):
+        super().__init__()
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bias.reshape(1, -1, *([1] * (x.ndim - 2))))
+
+
+def _pool_before_bias(gm) -> None:
+    """Rewrite ``maxpool(relu(conv(x) + b))`` as ``relu(maxpool(conv(x)) + b)`` in place.
+
+    Max pooling commutes exactly with a per-channel constant added before it (rounding is
+    monotone) and with ReLU, so the bias and ReLU then touch 1/8 of the values.
+    """
+    graph = gm.graph
+    for pool in list(graph.nodes):
+        if pool.op != "call_module" or not isinstance(gm.get_submodule(pool.target),
+                                                      _MaxPoolK3S2P1):
+            continue
+        act = pool.args[0]
+        if (not isinstance(act, torch.fx.Node) or act.op != "call_module"
+                or not isinstance(gm.get_submodule(act.target), nn.ReLU)
+                or len(act.users) != 1):
+            continue
+        conv_node = act.args[0]
+        if (not isinstance(conv_node, torch.fx.Node) or conv_node.op != "call_module"
+                or len(conv_node.users) != 1):
+            continue
+        conv = gm.get_submodule(conv_node.target)
+        if not isinstance(conv, nn.Conv3d) or conv.bias is None:
+            continue
+        name = f"{pool.target.replace('.', '_')}_bias_relu"
+        gm.add_submodule(name, _BiasReLU(conv.bias))
+        conv.bias = None
+        pool.args = (conv_node,)
+        users = list(pool.users)
+        with graph.inserting_after(pool):
+            biased = graph.call_module(name, (pool,))
+        for user in users:
+            user.replace_input_with(pool, biased)
+        graph.erase_node(act)
+    graph.lint()
+    gm.recompile()
+
+
 def prepare_for_inference(net: nn.Module) -> nn.Module:
     """An eval-mode copy of ``net`` with conv+BN folded and fast max pooling (see module doc).
 
     ``net`` itself is left unchanged. The copy computes the same function to float rounding.
     """
     net = copy.deepcopy(net).eval()
+    traced = False
     try:
         from torch.fx.experimental.optimization import fuse
 
         net = fuse(net)
+        traced = True
     except Exception as exc:  # a network torch.fx cannot trace keeps its batch norms
         log.debug("conv+BN folding skipped (%s: %s)", type(exc).__name__, exc)
     for name, mod in list(net.named_modules()):
         if name and _is_k3s2p1(mod):
             parent, _, attr = name.rpartition(".")
             setattr(net.get_submodule(parent) if parent else net, attr, _MaxPoolK3S2P1())
+    if traced:
+        _pool_before_bias(net)
     return net
 
 
