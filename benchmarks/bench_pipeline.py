@@ -178,6 +178,12 @@ def main(argv=None):
     ap.add_argument("--snr", type=float, default=40.0, help="WM signal at TE=0 / noise std")
     ap.add_argument("--method", default="ilsqr")
     ap.add_argument("--bgremove", default="vsharp")
+    ap.add_argument("--restore-iter", type=int, default=None,
+                    help="harmonic restoration iterations (default: the pipeline's)")
+    ap.add_argument("--phase-offset", choices=("smooth", "voxel"), default=None,
+                    help="echo fit phi0 model (default: the pipeline's)")
+    ap.add_argument("--data-weights", choices=("noise", "none"), default=None,
+                    help="inversion data weights (default: the pipeline's)")
     ap.add_argument("--user-mask", action="store_true",
                     help="give the phantom's brain mask instead of computing one")
     ap.add_argument("--threads", type=int, default=None,
@@ -201,7 +207,9 @@ def main(argv=None):
           f"built in {time.perf_counter() - t0:.1f} s")
     report = {"shape": list(ph["chi_ppm"].shape), "voxel_size_mm": vox.tolist(),
               "snr": args.snr, "method": args.method, "bgremove": args.bgremove,
-              "user_mask": args.user_mask, "presets": {}}
+              "user_mask": args.user_mask, "restore_iter": args.restore_iter,
+              "phase_offset": args.phase_offset, "data_weights": args.data_weights,
+              "presets": {}}
     truth = ph["chi_ppm"]
     brain = ph["brain_mask"].astype(bool)
 
@@ -231,10 +239,17 @@ def main(argv=None):
             marks.append((name, time.perf_counter(), time.process_time()))
 
         t0 = time.perf_counter()
+        extra = {}
+        if args.restore_iter is not None:
+            extra["restore_iter"] = args.restore_iter
+        if args.phase_offset is not None:
+            extra["fit_options"] = {"phase_offset": args.phase_offset}
+        if args.data_weights is not None:
+            extra["data_weights"] = args.data_weights
         res = reconstruct(mag, pha, te, affine=affine, field_strength_t=FIELD_T,
                           method=args.method, bgremove=args.bgremove, b0_world=b0_world,
                           mask=ph["brain_mask"] if args.user_mask else None,
-                          progress=mark)
+                          progress=mark, **extra)
         mark("end")
         wall = time.perf_counter() - t0
         # CPU seconds per stage (all threads): wall time on an idle 2-core machine is

@@ -232,33 +232,54 @@ def _local_linear(values, weights, sel, shape, sigma_mm, voxel_size_mm):
     wv = np.zeros(sel_box.shape, np.float32)
     wv[sel_box] = weights * values
 
-    def filt(arr, order):
-        out = ndimage.gaussian_filter(arr, sig, order=order, mode="constant", truncate=3.0)
-        return out[sel_box].astype(np.float64)
+    def filtered(arr, orders):
+        """``{order: (G^(order) * arr)[sel]}``, sharing the 1D passes of common prefixes."""
+        out, cache = {}, {(): arr}
+        for order in orders:
+            for k in range(1, 4):
+                key = order[:k]
+                if key not in cache:
+                    cache[key] = ndimage.gaussian_filter1d(
+                        cache[key[:-1]], sig[k - 1], axis=k - 1, order=key[-1],
+                        mode="constant", truncate=3.0)
+            out[order] = cache[order][sel_box].astype(np.float64)
+            for k in (3, 2):  # drop what no later order shares
+                if not any(o[:k] == order[:k] for o in orders[orders.index(order) + 1:]):
+                    cache.pop(order[:k], None)
+        return out
 
     s2 = np.asarray(sig, float) ** 2
     unit = [tuple(int(a == i) for a in range(3)) for i in range(3)]
-    m0 = filt(w, 0)
-    p0 = filt(wv, 0)
-    m = [s2[i] * filt(w, unit[i]) for i in range(3)]
-    p = [s2[i] * filt(wv, unit[i]) for i in range(3)]
-    mm = np.empty((3, 3, m0.size))
-    for i in range(3):
-        mm[i, i] = s2[i] ** 2 * filt(w, tuple(2 * u for u in unit[i])) + s2[i] * m0
-        for j in range(i + 1, 3):
-            order = tuple(a + b for a, b in zip(unit[i], unit[j]))
-            mm[i, j] = mm[j, i] = s2[i] * s2[j] * filt(w, order)
+    second = {(i, j): tuple(a + b for a, b in zip(unit[i], unit[j]))
+              for i in range(3) for j in range(i, 3)}
+    fw = filtered(w, sorted({(0, 0, 0), *unit, *second.values()}, reverse=True))
+    fp = filtered(wv, sorted({(0, 0, 0), *unit}, reverse=True))
     del w, wv
-    # Schur complement: a = (p0 - m.M^-1 p) / (m0 - m.M^-1 m); M gets a small ridge
-    # (1e-3 of its interior value) so that thin selections fall back to the local mean.
-    for i in range(3):
-        mm[i, i] += 1e-3 * s2[i] * m0
-    mv = np.stack(m, axis=-1)
-    pv = np.stack(p, axis=-1)
-    mats = np.moveaxis(mm, -1, 0)
-    sol = np.linalg.solve(mats, np.stack([mv, pv], axis=-1))
-    num = p0 - np.einsum("ni,ni->n", mv, sol[..., 1])
-    den = m0 - np.einsum("ni,ni->n", mv, sol[..., 0])
+    m0, p0 = fw[(0, 0, 0)], fp[(0, 0, 0)]
+    m = [s2[i] * fw[unit[i]] for i in range(3)]
+    p = [s2[i] * fp[unit[i]] for i in range(3)]
+    # M_ij = sum (x_i - x0_i)(x_j - x0_j) G w, with a small ridge (1e-3 of its interior
+    # value) so that thin selections fall back to the local mean
+    mm = {}
+    for (i, j), order in second.items():
+        mm[i, j] = s2[i] * s2[j] * fw[order]
+        if i == j:
+            mm[i, j] = mm[i, j] + (1.0 + 1e-3) * s2[i] * m0
+    # Schur complement: a = (p0 - m.M^-1 p) / (m0 - m.M^-1 m); M^-1 by cofactors
+    a, b, c = mm[0, 0], mm[1, 1], mm[2, 2]
+    d, e, f = mm[0, 1], mm[1, 2], mm[0, 2]
+    c00, c11, c22 = b * c - e * e, a * c - f * f, a * b - d * d
+    c01, c12, c02 = f * e - d * c, d * f - a * e, d * e - b * f
+    det = a * c00 + d * c01 + f * c02
+    det = np.where(np.abs(det) > 0, det, 1.0)
+
+    def quad(x, y):  # x . adj(M) y
+        return (x[0] * (c00 * y[0] + c01 * y[1] + c02 * y[2])
+                + x[1] * (c01 * y[0] + c11 * y[1] + c12 * y[2])
+                + x[2] * (c02 * y[0] + c12 * y[1] + c22 * y[2]))
+
+    num = p0 - quad(m, p) / det
+    den = m0 - quad(m, m) / det
     local_mean = p0 / np.maximum(m0, 1e-30)
     good = den > 1e-3 * m0
     out = np.where(good, num / np.where(good, den, 1.0), local_mean)

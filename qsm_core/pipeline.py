@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import qsm_core
-from qsm_core.background import BGREMOVE_METHODS
+from qsm_core.background import BGREMOVE_METHODS, HIGHPASS_METHODS, restore_harmonic
 from qsm_core.echo_fit import check_echo_inputs, fit_frequency
 from qsm_core.errors import InputError
 from qsm_core.geometry import b0_dir_from_affine, voxel_sizes_mm
@@ -117,7 +117,7 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
                 phase_sign: int = +1, b0_world=(0.0, 0.0, 1.0), device: str = "cpu",
                 progress: Callable[[str], None] | None = None, mask_options=None,
                 bgremove_options=None, inversion_options=None, fit_options=None,
-                data_weights: str = "noise",
+                data_weights: str = "noise", restore_iter: int = 1,
                 unwrap_dilate_mm: float = 2.0) -> ReconResult:
     """Run the whole QSM pipeline on one multi-echo GRE scan.
 
@@ -153,9 +153,13 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
         :func:`~qsm_core.echo_fit.fit_frequency`.
     data_weights : {"noise", "none"}
         ``"noise"``: methods with a weighted data term (iLSQR) get the weights
-        ``1 / noise_std_hz`` of the echo fit (:func:`qsm_core.inversion.weights.noise_weights`);
-        closed-form methods (TKD, Tikhonov) have none, ``parameters`` records which was
-        used. ``"none"``: unweighted. ``weights`` in ``inversion_options`` wins.
+        ``1 / noise_std_hz`` of the echo fit (:func:`qsm_core.inversion.weights.noise_weights`),
+        and so does PDF; closed-form methods (TKD, Tikhonov) have none, ``parameters``
+        records which was used. ``"none"``: unweighted. ``weights`` in ``inversion_options`` wins.
+    restore_iter : int
+        Iterations of :func:`qsm_core.background.restore_harmonic` after V-SHARP or LBV
+        (which drop the part of the local field that is harmonic inside the mask); 0 =
+        off. Not applied after PDF, which keeps that part by construction.
     unwrap_dilate_mm : float
         The phase is unwrapped on the brain mask dilated by this much (mm), so that noise
         outside the head cannot leak into the field (see :mod:`qsm_core.unwrap`). A
@@ -187,6 +191,8 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
                          f"{sorted(BGREMOVE_METHODS)}")
     if phase_sign not in (1, -1):
         raise InputError(f"phase_sign must be +1 or -1, got {phase_sign!r}")
+    if not (isinstance(restore_iter, int | np.integer) and restore_iter >= 0):
+        raise InputError(f"restore_iter must be an integer >= 0, got {restore_iter!r}")
     if data_weights not in ("noise", "none"):
         raise InputError(f"data_weights must be 'noise' or 'none', got {data_weights!r}")
     fit_opts = dict(fit_options or {})
@@ -230,12 +236,23 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
     timings["unwrap_fit"] = time.perf_counter() - t0
 
     t0 = stage("bgremove")
+    bg_run = dict(bg_opts)
+    bg_weights = "none"
+    if bgremove == "pdf" and data_weights == "noise" and "weight" not in bg_run:
+        bg_run["weight"] = noise_weights(fit.noise_std_hz, bmask)  # PDF's data term
+        bg_weights = "noise"
     local_hz, final_mask = BGREMOVE_METHODS[bgremove](total_hz, bmask, voxel_size_mm=vox,
-                                                      b0_dir=b0_dir, **bg_opts)
+                                                      b0_dir=b0_dir, **bg_run)
+    del bg_run
     final_mask = final_mask.astype(np.uint8)
     if not final_mask.any():
         raise InputError("the mask is empty after background removal (it is thinner than "
                          "the V-SHARP kernel); pass a larger mask")
+    n_restore = restore_iter if bgremove in HIGHPASS_METHODS else 0
+    if n_restore:
+        local_hz = restore_harmonic(BGREMOVE_METHODS[bgremove], local_hz, bmask, final_mask,
+                                    voxel_size_mm=vox, b0_dir=b0_dir, n_iter=n_restore,
+                                    **bg_opts)
     timings["bgremove"] = time.perf_counter() - t0
 
     t0 = stage("inversion")
@@ -286,6 +303,8 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
                      **fit_opts},
         "data_weights": weights_used,
         "bgremove_options": bg_opts,
+        "harmonic_restoration_iter": n_restore,
+        "bgremove_weights": bg_weights,
         "inversion_options": inv_opts,
         "swi": {"echo_index": e_swi, "te_s": float(te[e_swi]), "power": 4,
                 "mip_slab_mm": 8.0, "mip_axis": mip_axis, "phase": "local_field"},
