@@ -401,7 +401,10 @@ class NumpyBackend:
         return buf
 
     def gather_update(self, buf, idx, kernel, v, c: float):
-        """``kernel * buf.ravel()[idx] - c v`` (a new array like ``v``), in one sweep."""
+        """``r = kernel * buf.ravel()[idx] - c v`` (a new array like ``v``) and ``||r||^2``.
+
+        One sweep; returns ``(r, ||r||^2)``.
+        """
         flat = buf.reshape(-1)
         out = np.empty_like(v)
         ro, rv = self.real_view(out), self.real_view(v)
@@ -409,6 +412,7 @@ class NumpyBackend:
         n = idx.size
 
         def work(lo, hi):
+            acc = 0.0
             tmp = np.empty(2 * min(step, hi - lo), np.float32)
             for s in range(lo, hi, step):
                 e = min(s + step, hi)
@@ -418,9 +422,11 @@ class NumpyBackend:
                 t = tmp[: b - a]
                 np.multiply(rv[a:b], c, out=t)
                 np.subtract(ro[a:b], t, out=ro[a:b])
+                acc += _dot32(ro[a:b], ro[a:b])
+            return acc
 
-        _split_run(n, self.threads if n > step else 1, work)
-        return out
+        sq = sum(_split_run(n, self.threads if n > step else 1, work))
+        return out, float(sq)
 
     def gradient_residual(self, img, z_old, c: float, a_sq, z_new, out) -> float:
         """Weighted gradient normal operator of a residual image, in one sweep.
@@ -670,11 +676,11 @@ class TorchBackend:
         return buf
 
     def gather_update(self, buf, idx, kernel, v, c: float):
-        """``kernel * buf.ravel()[idx] - c v`` (a new tensor)."""
+        """``(r, ||r||^2)`` with ``r = kernel * buf.ravel()[idx] - c v`` (a new tensor)."""
         vals = buf.reshape(-1)[idx]
         rv = self.real_view(vals)
         rv.mul_(kernel).sub_(self.real_view(v), alpha=c)
-        return vals
+        return vals, float(self.torch.dot(rv, rv))
 
     def gradient_residual(self, img, z_old, c: float, a_sq, z_new, out) -> float:
         """``z_new = img - c z_old``, ``out = sum_j D_j^T (a_j D_j z_new)``; ``<z_new, out>``."""

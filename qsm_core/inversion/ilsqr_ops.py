@@ -285,6 +285,7 @@ class ConeGradientOp(LinearOperator):
         self.spec_full = bk.zeros_complex(cone.shape)
         self.spare = None
         self._unorm = (None, 0.0)  # (z, ||W_g grad z||) cached by matvec_update
+        self._vnorm = (None, 0.0)  # (v, ||v||) cached by rmatvec_update
         self._pad_of = None  # the z whose L z fills pad[box]
 
     # -- images and data-space vectors --------------------------------------------------------
@@ -359,6 +360,21 @@ class ConeGradientOp(LinearOperator):
         return self.backend.mul_spec(vals, self.k_adj, out=vals)
 
     def rmatvec_update(self, u, v, beta):
-        """``A^T u - beta v`` in one sweep."""
-        return self.backend.gather_update(self._adjoint_spectrum(u), self.idx, self.k_adj,
-                                          v, beta)
+        """``A^T u - beta v`` in one sweep (caches the norm of the result)."""
+        vals, sq = self.backend.gather_update(self._adjoint_spectrum(u), self.idx, self.k_adj,
+                                              v, beta)
+        self._vnorm = (vals, math.sqrt(max(sq, 0.0)))
+        return vals
+
+    def vnorm(self, v):
+        """Norm of an unknown (cached by :meth:`rmatvec_update`)."""
+        if self._vnorm[0] is v:
+            return self._vnorm[1]
+        return self.backend.nrm2(v)
+
+    def vscale(self, alpha, v):
+        """Scale an unknown in place."""
+        self.backend.scal(alpha, v)
+        if self._vnorm[0] is v:
+            self._vnorm = (v, self._vnorm[1] * abs(alpha))
+        return v

@@ -157,8 +157,11 @@ def test_cone_scatter_and_gather(bk, rng):
     ref.reshape(-1)[idx] = k * vals
     _close(_np(bk, full), ref)
     src = _cplx(rng, shape)
-    got = bk.gather_update(bk.asarray(src), bk.index(idx), bk.kernel(k), bk.asarray(v), 0.3)
-    _close(_np(bk, got), k * src.reshape(-1)[idx].astype(np.complex128) - 0.3 * v)
+    got, sq = bk.gather_update(bk.asarray(src), bk.index(idx), bk.kernel(k), bk.asarray(v),
+                               0.3)
+    ref = k * src.reshape(-1)[idx].astype(np.complex128) - 0.3 * v
+    _close(_np(bk, got), ref)
+    assert sq == pytest.approx(float((np.abs(ref) ** 2).sum()), rel=1e-5)
 
 
 # -- LSQR on the operators vs LSQR on dense reference matrices ---------------------------
