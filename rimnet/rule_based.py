@@ -710,7 +710,9 @@ class RuleBasedRimDetector(ClassifierMixin, BaseEstimator):
             if need not in chans:
                 raise InputError(f"the rule-based detector needs a {need!r} channel; "
                                  f"channels={chans}")
-        if not np.all(np.isfinite(X)):
+        # a sum carries NaN/Inf (one cheap pass); only a non-finite sum, which can also be
+        # an overflow, needs the element-wise test
+        if not np.isfinite(X.sum()) and not np.all(np.isfinite(X)):
             raise InputError("patches contain NaN/Inf")
         return X
 
