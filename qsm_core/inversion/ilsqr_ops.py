@@ -99,8 +99,16 @@ class WeightedDipoleOp(LinearOperator):
         with np.errstate(divide="ignore"):
             w_inv_sq = np.where(w > 0, 1.0 / np.where(w > 0, w * w, 1.0), 0.0)
         self.weight = bk.asarray(w.astype(np.float32))
-        self.w_sq = bk.asarray((w * w).astype(np.float32))
-        self.w_inv_sq = bk.asarray(w_inv_sq.astype(np.float32))
+        # The fused residual runs on the box widened to whole rows along the last axis
+        # (weights zero in the widening), so its arrays are contiguous within each plane.
+        self.rows = grid.box[:2] + (slice(0, grid.shape[2]),)
+        zs = grid.box[2]
+        w_sq = np.zeros(w.shape[:2] + (grid.shape[2],), np.float32)
+        w_inv = np.zeros_like(w_sq)
+        w_sq[:, :, zs] = w * w
+        w_inv[:, :, zs] = w_inv_sq
+        self.w_sq = bk.asarray(w_sq)
+        self.w_inv_sq = bk.asarray(w_inv)
         # Data vectors u are stored pre-weighted, as W u in the box of this zero-padded
         # array (the adjoint's FFT input): the LSQR update becomes W^2 img - c (W u) and
         # the norm sum (W u)^2 / W^2, so u needs neither an array nor a copy of its own.
@@ -144,8 +152,8 @@ class WeightedDipoleOp(LinearOperator):
     def _plain(self, u):
         """A data vector as a plain box array (``u`` itself unless it is the pad)."""
         if u is self.pad:
-            return self.backend.mul(u[self.box], self.backend.asarray(
-                np.sqrt(self.backend.to_numpy(self.w_inv_sq))))
+            w_inv = np.sqrt(self.backend.to_numpy(self.w_inv_sq)[:, :, self.box[2]])
+            return self.backend.mul(u[self.box], self.backend.asarray(w_inv))
         return u
 
     def unorm(self, u):
@@ -192,7 +200,7 @@ class WeightedDipoleOp(LinearOperator):
         """``A v - alpha u`` in one sweep, as ``W (A v - alpha u)`` in the pad (returned)."""
         img = self._image(v)
         self._load_pad(u)
-        sq = self.backend.weighted_residual(img[self.box], self.w_sq, self.pad[self.box],
+        sq = self.backend.weighted_residual(img[self.rows], self.w_sq, self.pad[self.rows],
                                             alpha, self.w_inv_sq)
         self._unorm = (self.pad, math.sqrt(max(sq, 0.0)))
         self._pad_of = None
