@@ -3,9 +3,11 @@
 ::
 
     qsmrim unwrap   PHASE OUT [--echo-time TE ...] [--magnitude MAG] [--mask MASK]
+                    [--out-noise FILE]
     qsmrim bgremove FIELD MASK OUT [--method vsharp|pdf|lbv] [--out-mask FILE]
     qsmrim invert   FIELD MASK OUT [--field-units hz|ppm] [--field-strength T]
                     [--method ilsqr|tkd|tikhonov] [--device cpu|cuda]
+                    [--noise FILE | --weights FILE]
 
 Every output gets a JSON sidecar with ``GeneratedBy`` (qsmrim, version, parameters),
 ``Units`` and ``Sources``.
@@ -50,6 +52,9 @@ def add_parser(parser: argparse.ArgumentParser, name: str) -> None:
                             help="default: Units of PHASE's JSON sidecar, else detected")
         parser.add_argument("--phase-sign", type=int, choices=(1, -1), default=1,
                             help="sign of phase = +-2 pi f TE (default +1)")
+        parser.add_argument("--out-noise", metavar="FILE",
+                            help="with --echo-time: also write the field's noise standard "
+                                 "deviation (Hz) per voxel (e.g. for invert --weights)")
     elif name == "bgremove":
         parser.add_argument("field", metavar="FIELD", help="total field (Hz, or any unit: "
                                                            "the output keeps it)")
@@ -71,6 +76,13 @@ def add_parser(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--method", choices=INVERSION_CHOICES, default="ilsqr",
                             help="default: ilsqr")
         parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+        parser.add_argument("--weights", metavar="FILE",
+                            help="data weights on the same grid (iLSQR only), e.g. 1 / the "
+                                 "noise std written by unwrap --out-noise; --noise FILE "
+                                 "does that division for you")
+        parser.add_argument("--noise", metavar="FILE",
+                            help="noise standard deviation of FIELD per voxel (iLSQR only): "
+                                 "weights 1 / noise (zero = unknown, weight 0)")
     else:  # pragma: no cover - main.py only maps the three names above here
         raise ValueError(f"unknown step {name!r}")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
@@ -125,7 +137,9 @@ def _unwrap(args) -> int:
     from qsm_core.io.phase import phase_to_rad
     from qsm_core.unwrap import laplacian_unwrap
 
-    _check_out(args, args.out)
+    _check_out(args, args.out, args.out_noise)
+    if args.out_noise is not None and args.echo_time is None:
+        raise InputError("--out-noise is the noise of the fitted field; give --echo-time too")
     src = Path(args.phase)
     raw, affine = load_nifti(src, allow_4d=True)
     units = args.phase_units or _sidecar_of(src).get("Units")
@@ -170,6 +184,11 @@ def _unwrap(args) -> int:
                              sources=sources, extra={"EchoTime": list(args.echo_time)},
                              description="Total field (Hz) from Laplacian-unwrapped phase "
                                          "fitted over echo time")
+    if args.out_noise is not None:
+        write_image_with_sidecar(args.out_noise, fit.noise_std_hz, affine, units="Hz",
+                                 parameters={**params, "noise_method": fit.noise_method},
+                                 sources=sources,
+                                 description="Standard deviation (Hz) of the fitted field")
     return 0
 
 
@@ -239,12 +258,38 @@ def _invert(args) -> int:
         if not torch.cuda.is_available():
             raise InputError("--device cuda: no CUDA device is available here; use "
                              "--device cpu")
+    opts, sources = {}, [str(src.resolve()), str(Path(args.mask).resolve())]
+    if args.weights is not None or args.noise is not None:
+        if args.weights is not None and args.noise is not None:
+            raise InputError("give --weights or --noise, not both")
+        if not _accepts(METHODS[args.method], "weights"):
+            raise InputError(f"--method {args.method} has no weighted data term; use "
+                             "--method ilsqr with --weights/--noise")
+        wpath = Path(args.weights if args.weights is not None else args.noise)
+        wmap, w_aff = load_nifti(wpath)
+        if wmap.shape != field.shape or not np.allclose(w_aff, affine, atol=1e-3):
+            raise InputError(f"{wpath}: shape {wmap.shape} or affine differs from {src}; "
+                             "give a map on the field's grid")
+        if args.noise is not None:
+            from qsm_core.inversion.weights import noise_weights
+
+            try:
+                wmap = noise_weights(wmap, mask)
+            except InputError as exc:
+                raise InputError(f"{wpath}: {exc}") from None
+        inside = wmap[np.asarray(mask) != 0]
+        if not np.all(np.isfinite(inside)) or np.any(inside < 0) or not np.any(inside > 0):
+            raise InputError(f"{wpath}: weights must be finite, non-negative and not all zero "
+                             "inside the mask")
+        opts["weights"] = wmap
+        params["weights"] = "noise" if args.noise is not None else "user"
+        sources.append(str(wpath.resolve()))
     chi = METHODS[args.method](local_ppm, mask, voxel_size_mm=voxel_sizes_mm(affine),
-                               b0_dir=b0_dir_from_affine(affine), device=args.device)
+                               b0_dir=b0_dir_from_affine(affine), device=args.device, **opts)
     chi = np.where(mask, np.asarray(chi), 0).astype(np.float32)
     params["device"] = args.device
     write_image_with_sidecar(args.out, chi, affine, units="ppm", parameters=params,
-                             sources=[str(src.resolve()), str(Path(args.mask).resolve())],
+                             sources=sources,
                              description="Magnetic susceptibility (chi) in ppm, positive = "
                                          f"paramagnetic ({args.method})")
     return 0

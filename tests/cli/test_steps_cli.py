@@ -110,3 +110,46 @@ def test_invert_matches_the_api_on_an_oblique_affine(tmp_path, units):
     assert side["Units"] == "ppm"
     params = side["GeneratedBy"][0]["Parameters"]
     assert params["method"] == "tkd" and params["field_units"] == units
+
+
+def test_unwrap_noise_map_and_noise_weighted_invert(tmp_path, rng):
+    te = (0.006, 0.012, 0.018, 0.024)
+    ph = head_phantom(shape=(40, 40, 32), te_s=te, noise=0.02, rng=rng)
+    affine, brain = ph["affine"], ph["brain"]
+    pha = save(tmp_path / "phase.nii.gz", ph["phase_rad"].astype(np.float32), affine)
+    mag = save(tmp_path / "mag.nii.gz", ph["magnitude"].astype(np.float32), affine)
+    m = save(tmp_path / "brain.nii.gz", brain.astype(np.uint8), affine, dtype=np.uint8)
+    field, noise = tmp_path / "field.nii.gz", tmp_path / "noise.nii.gz"
+    tes = [str(t) for t in te]
+    assert main(["unwrap", str(pha), str(field), "--magnitude", str(mag), "--echo-time", *tes,
+                 "--mask", str(m), "--out-noise", str(noise)]) == 0
+    f, _ = _load(field)
+    sd, _ = _load(noise)
+    inner = brain & (np.indices(brain.shape)[2] > 4)  # away from the faces
+    # the written noise level matches the actual high-frequency error of the field
+    err = f - np.asarray(ph["field_hz"])
+    hf = err - 0.5 * (np.roll(err, 1, 0) + np.roll(err, -1, 0))
+    ratio = float(np.std(hf[inner]) / np.sqrt(1.5) / np.sqrt(np.mean(sd[inner] ** 2)))
+    assert 0.7 < ratio < 1.4, ratio
+    assert json.loads((tmp_path / "noise.json").read_text())["Units"] == "Hz"
+    # invert --noise = ilsqr with weights 1/noise
+    local = save(tmp_path / "local.nii.gz", np.where(brain, f - f[brain].mean(), 0), affine)
+    out = tmp_path / "chi.nii.gz"
+    assert main(["invert", str(local), str(m), str(out), "--field-strength", "3",
+                 "--noise", str(noise)]) == 0
+    from qsm_core.inversion.weights import noise_weights
+
+    local_arr, _ = _load(local)
+    expect = METHODS["ilsqr"]((local_arr / ppm_to_hz(3.0)).astype(np.float32), brain,
+                              voxel_size_mm=voxel_sizes_mm(affine),
+                              b0_dir=b0_dir_from_affine(affine),
+                              weights=noise_weights(sd, brain))
+    chi, _ = _load(out)
+    np.testing.assert_allclose(chi, expect, atol=1e-5)
+    params = json.loads((tmp_path / "chi.json").read_text())["GeneratedBy"][0]["Parameters"]
+    assert params["weights"] == "noise"
+    # closed-form methods have no weights; --weights and --noise together are ambiguous
+    base = ["invert", str(local), str(m), str(tmp_path / "x.nii.gz"), "--field-strength", "3"]
+    assert main(base + ["--method", "tkd", "--noise", str(noise)]) == 2
+    assert main(base + ["--weights", str(noise), "--noise", str(noise)]) == 2
+    assert not (tmp_path / "x.nii.gz").exists()
