@@ -398,15 +398,17 @@ def _extract_on_grid(prepared: dict, labels: np.ndarray, ids: np.ndarray, cents:
                 if not direct:
                     out[dest, ch] = src.transpose(0, 3, 2, 1) if flip else src
             else:
+                flip = labels.flags.f_contiguous and not labels.flags.c_contiguous
+                src_lab = labels.T if flip else labels
                 for j, r in enumerate(rows):
-                    s0, s1, s2 = near[r]
-                    crop = labels[s0:s0 + p, s1:s1 + p, s2:s2 + p]
+                    s0, s1, s2 = near[r][::-1] if flip else near[r]
+                    crop = src_lab[s0:s0 + p, s1:s1 + p, s2:s2 + p]
                     if name == "lesion":
                         np.equal(crop, ids[r], out=hit[j])
                     else:
                         np.not_equal(crop, ids[r], out=hit[j])
                         np.logical_and(hit[j], crop > 0, out=hit[j])
-                out[dest, ch] = hit[:k]
+                out[dest, ch] = hit[:k].transpose(0, 3, 2, 1) if flip else hit[:k]
 
 
 def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
