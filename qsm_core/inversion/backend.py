@@ -299,8 +299,8 @@ class NumpyBackend:
                         np.multiply(wb, c, out=wb)
                         np.add(wb, rv[s:e], out=wb)
 
-        if hi > lo:
-            _split_run(hi - lo, self.threads, work)
+        if hi > lo:  # (a short range is not worth a thread hand-off)
+            _split_run(hi - lo, self.threads if hi - lo > 8 * BLOCK_ELEMS else 1, work)
         return x
 
     def weighted_residual(self, img, w_sq, out, c: float, w_inv_sq) -> float:
