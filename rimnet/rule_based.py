@@ -525,15 +525,21 @@ def _rim_features_chunk(chi_ppm, lesion, others, *, spacing_mm: float = 1.0,
         order = [a for a in range(3) if a != slice_axis] + [slice_axis]
         lo = lo[:, order]
 
-    # distance tests (see _distance_regions; lesion voxels all lie inside their box)
-    n_out = _sq_dist_vox_batch(les, t_out, *_int_kind(t_out))
-    # d_in only on the union of the lesions' bounding boxes plus one voxel, which holds
-    # the nearest non-lesion voxel of every lesion voxel (as in _distance_regions)
-    crop = [slice(None)]
+    # distance tests (see _distance_regions; lesion voxels all lie inside their box).
+    # Lesion bounding boxes, united over the chunk, per axis:
+    spans = []
     for a in (1, 2, 3):
         idx = np.flatnonzero(les.any(axis=tuple(b for b in (0, 1, 2, 3) if b != a)))
-        crop.append(slice(max(int(idx[0]) - 1, 0), int(idx[-1]) + 2))
-    crop = tuple(crop)
+        spans.append((int(idx[0]), int(idx[-1])))
+    # d_out: a voxel more than t_out voxels from every bounding box along some axis has no
+    # candidate within t_out: its value is the sentinel there as on the whole box
+    big, kind = _int_kind(t_out)
+    crop = (slice(None),) + tuple(slice(max(f - t_out, 0), e + t_out + 1) for f, e in spans)
+    n_out = np.full(les.shape, big, kind)
+    n_out[crop] = _sq_dist_vox_batch(les[crop], t_out, big, kind)
+    # d_in only on the bounding boxes plus one voxel, which hold the nearest non-lesion
+    # voxel of every lesion voxel (as in _distance_regions)
+    crop = (slice(None),) + tuple(slice(max(f - 1, 0), e + 2) for f, e in spans)
     n_in = _sq_dist_vox_batch(~les[crop], t_in, *_int_kind(t_in))
     c_le, c_nawm_in, c_nawm_out, c_rim, c_vein = cut_out
     free = ~oth
