@@ -89,22 +89,29 @@ class _SolutionUpdates:
     applied one ``1/GROUP`` slice of the arrays per iteration, while the next group
     collects, so every iteration reads and writes ``x`` and ``w`` over a ``1/GROUP``
     slice only (``2 + 2 + GROUP`` array passes per ``GROUP`` iterations instead of
-    ``5 GROUP``). The arithmetic per element is the same, in the same order.
+    ``5 GROUP``). The arithmetic per element is the same, in the same order. Groups
+    shrink (to none) when the ``2 GROUP`` vectors held would exceed
+    :attr:`MAX_HELD_BYTES`.
     """
 
     GROUP = 4
+    MAX_HELD_BYTES = 512 * 2**20  # the old v kept alive (up to 2 GROUP of them)
 
     def __init__(self, bk, w, defer: bool):
         self.bk, self.w = bk, w
         self.x = None
-        self.defer = defer and hasattr(bk, "lsqr_update_group")
+        self.size = bk.real_view(w).shape[0]
+        group = self.GROUP
+        while group > 1 and 2 * group * 4 * self.size > self.MAX_HELD_BYTES:
+            group //= 2  # large volumes: smaller groups, or none, to bound the memory
+        self.group = group
+        self.defer = defer and group > 1 and hasattr(bk, "lsqr_update_group")
         self.pending = []  # (a, c, v) not yet applied
         self.active = None  # group being applied slice by slice
         self.next_slice = 0
-        self.size = bk.real_view(w).shape[0]
 
     def _bounds(self, k: int):
-        return self.size * k // self.GROUP, self.size * (k + 1) // self.GROUP
+        return self.size * k // self.group, self.size * (k + 1) // self.group
 
     def _apply(self, group, lo: int, hi: int) -> None:
         if self.x is None:
@@ -127,12 +134,12 @@ class _SolutionUpdates:
                 bk.axpy(1.0, v, self.w)
             return
         self.pending.append((a, c, v))
-        if self.active is None and len(self.pending) == self.GROUP:
+        if self.active is None and len(self.pending) == self.group:
             self.active, self.pending, self.next_slice = self.pending, [], 0
         if self.active is not None:
             self._apply(self.active, *self._bounds(self.next_slice))
             self.next_slice += 1
-            if self.next_slice == self.GROUP:
+            if self.next_slice == self.group:
                 self.active = None
 
     def finish(self):

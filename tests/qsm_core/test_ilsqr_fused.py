@@ -279,13 +279,20 @@ class _Dense:
         self.op.backend, self.op.a, self.op.keeps_v = bk, bk.asarray(a), keeps_v
 
 
+@pytest.mark.parametrize("group,max_bytes", [(4, 2**29), (3, 2**29), (4, 1024), (4, 0)])
 @pytest.mark.parametrize("device", ["cpu", "torch-cpu"])
-def test_batched_solution_updates_give_the_same_iterates(device, rng):
+def test_batched_solution_updates_give_the_same_iterates(device, group, max_bytes, rng,
+                                                         monkeypatch):
     """Deferring and batching ``x += a w; w = v + c w`` (keeps_v operators) changes no
-    iterate, whatever the iteration count relative to the batch size; and the reported
-    ``||A^T r||`` is the true one."""
+    iterate, whatever the iteration count relative to the batch size (and with groups
+    shrunk or switched off by the memory bound); the reported ``||A^T r||`` is the true
+    one."""
     if device != "cpu":
         pytest.importorskip("torch")
+    from qsm_core.inversion.lsqr import _SolutionUpdates
+
+    monkeypatch.setattr(_SolutionUpdates, "GROUP", group)
+    monkeypatch.setattr(_SolutionUpdates, "MAX_HELD_BYTES", max_bytes)
     bk = get_backend(device)
     a = rng.normal(size=(70, 31)) @ np.diag(np.logspace(0, -1.5, 31))
     b = rng.normal(size=70)
