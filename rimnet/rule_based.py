@@ -43,6 +43,11 @@ The estimator follows scikit-learn conventions: the constructor only stores para
 margin to maximise Youden's J when ``tune_threshold=True``), and returns ``self``.
 ``X`` may be an array of patches (N, C, P, P, P) or its flattened form (N, C*P**3) together
 with ``patch_shape=(C, P, P, P)``.
+
+Speed: the estimator scores lesions with :func:`rim_features_batch`, which gives exactly
+what :func:`rim_features` (the readable one-lesion reference) gives, for chunks of lesions
+at a time, on worker threads, with the distance tests decided on integer squared distances
+wherever that is proven to reproduce the float32 ones (:func:`_integer_cutoffs`).
 """
 
 from __future__ import annotations
