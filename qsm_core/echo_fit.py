@@ -20,17 +20,26 @@ near an air-tissue interface, whose spatial phase gradient exceeds pi per voxel 
 breaks per-echo unwrapping, is still unwrapped correctly (on the MNI head phantom at 3 T
 this removed field errors of several Hz in the orbitofrontal and temporal cortex).
 
-The fit is weighted least squares with an intercept ``phi0``. The phase noise of echo e
-has variance ``sigma^2 / m_e^2`` (``m_e`` the magnitude, ``sigma`` the complex noise std),
-so the inverse-variance weights are ``w_e = m_e^2``. For a fit through the origin these
-weights give the familiar ``m_e^2 TE_e^2``-weighted average of the per-echo frequencies
-``phi_e / (2 pi TE_e)``; with an intercept the TE factor enters through the design matrix.
-The standard error of the slope, ``sigma^2 * sum(w) / det``, gives ``noise_std_hz``, with
-``sigma^2`` estimated per voxel from the weighted residuals (``E - 2`` degrees of
-freedom). With one or two echoes there are no residual degrees of freedom and ``sigma``
-is estimated once from the background (Rayleigh statistics of the lowest-magnitude
-voxels) instead; ``EchoFit.noise_method`` says which. One echo has no intercept:
-``phi0 = 0`` is assumed.
+The fit is weighted least squares. The phase noise of echo e has variance
+``sigma^2 / m_e^2`` (``m_e`` the magnitude, ``sigma`` the complex noise std), so the
+inverse-variance weights are ``w_e = m_e^2``. ``phi0`` (the phase at TE = 0, from the
+transmit and receive chain) is spatially smooth, so by default (``phase_offset='smooth'``)
+the per-voxel intercepts of a first fit are replaced by a Gaussian-weighted local linear
+fit of them (``offset_sigma_mm``, weights = their inverse variance) and the slope is
+fitted through that offset: ``f = sum(w t (u - phi0)) / (2 pi sum(w t^2))``, the
+familiar ``m^2 TE^2``-weighted frequency. A free intercept per voxel
+(``phase_offset='voxel'``) leaves only ``sum(w (t - t_mean)^2)`` of ``sum(w t^2)`` to the
+slope: ~2.5x the frequency noise for four echoes from 7 to 26 ms.
+The standard error of the slope, ``sigma^2 / sum(w t^2)`` (``sigma^2 sum(w) / det`` with a
+free intercept), gives ``noise_std_hz``, with ``sigma^2`` from the weighted residuals
+(``E - 1`` or ``E - 2`` degrees of freedom) pooled over a small Gaussian
+(``noise_pool_mm``: a few degrees of freedom per voxel make it very noisy). With fewer
+than two residual degrees of freedom ``sigma`` is estimated once from the background
+(Rayleigh statistics of the lowest-magnitude voxels) instead; ``EchoFit.noise_method``
+says which. One echo has no intercept: ``phi0 = 0`` is assumed.
+
+The constants that the Poisson solves drop are restored per echo and kept affine in TE
+(:func:`_restore_constants`), so they cannot bend the fit's residuals.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def noise_weights(noise_std, mask) -> np.ndarray:
     Examples
     --------
     >>> noise_weights(np.array([[[1.0, 2.0, 0.0]]]), np.ones((1, 1, 3))).round(3).tolist()
-    [[[1.333, 0.667, 0.0]]]
+    [[[2.0, 1.0, 0.0]]]
     """
     sd = np.asarray(noise_std, dtype=np.float32)
     m = np.asarray(mask) != 0
