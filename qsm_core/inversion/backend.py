@@ -7,13 +7,15 @@ vectors (real and imaginary parts interleaved) by :meth:`dot`, :meth:`axpy` and
 
 Torch is imported lazily, only when a torch device is asked for.
 
-The iLSQR operators also use a few *fused* kernels (:meth:`NumpyBackend.lsqr_update`,
+The iLSQR operators and LSQR also use a few *fused* kernels
+(:meth:`NumpyBackend.lsqr_update`, :meth:`~NumpyBackend.lsqr_update_group`,
 :meth:`~NumpyBackend.weighted_residual`, :meth:`~NumpyBackend.spectrum_update`,
+:meth:`~NumpyBackend.scatter_scaled`, :meth:`~NumpyBackend.gather_update`,
 :meth:`~NumpyBackend.gradient_residual`). Each does in one sweep over memory what would
-otherwise be four to twenty full-volume numpy passes: on numpy they walk the arrays in
-blocks of about 64 k elements (so intermediates stay in the L2 cache) split over the
-cores by a small thread pool (numpy releases the GIL inside its loops); on torch they are
-plain tensor expressions.
+otherwise be several full-volume numpy passes: on numpy they walk the arrays in blocks of
+about 64 k elements (so intermediates stay in the L2 cache) split over the cores by a
+small thread pool (numpy releases the GIL inside its loops); on torch they are plain
+tensor expressions.
 """
 
 from __future__ import annotations

@@ -63,7 +63,11 @@ class WeightedDipoleOp(LinearOperator):
     multiply; the FFT does not overwrite its input). The adjoint is
     ``y' = D^2 F(W u)`` and the norm ``||v||^2 = sum (w / N) |y|^2 / D^2`` (entries with
     ``D = 0`` are not in the range of ``A^T`` and stay zero). One sweep over the spectrum
-    (:meth:`rmatvec_update`) makes ``y' - beta y`` in place and its norm.
+    (:meth:`rmatvec_update`) makes ``y' - beta y`` in place and its norm. Data vectors are
+    kept pre-weighted, as ``W u`` in the box of the adjoint's zero-padded FFT input
+    (:attr:`pad`, which :meth:`matvec_update` returns as the new ``u``): one sweep makes
+    ``W^2 img - c W u`` and the norm ``sum (W u)^2 / W^2``. A plain box array (LSQR's
+    right-hand side) is accepted wherever a data vector is.
 
     Parameters
     ----------
