@@ -430,51 +430,66 @@ class NumpyBackend:
         sq = sum(_split_run(n, self.threads if n > step else 1, work))
         return out, float(sq)
 
-    def gradient_residual(self, img, z_old, c: float, a_sq, z_new, out) -> float:
+    def gradient_residual(self, img, z, c: float, a_sq, out) -> float:
         """Weighted gradient normal operator of a residual image, in one sweep.
 
-        ``z_new = img - c z_old`` and ``out = sum_j D_j^T (a_j D_j z_new)`` with ``D_j`` the
+        ``z = img - c z`` (in place) and ``out = sum_j D_j^T (a_j D_j z)`` with ``D_j`` the
         forward difference along axis ``j`` (``D_j z[i] = z[i + e_j] - z[i]``, zero past
         the last plane; ``D_j^T t[i] = t[i - e_j] - t[i]``). Returns
-        ``<z_new, out> = sum_j ||sqrt(a_j) D_j z_new||^2``.
+        ``<z, out> = sum_j ||sqrt(a_j) D_j z||^2``.
 
         Parameters
         ----------
         img : ndarray, shape (X, Y, Z), float32
-            May be a strided view.
-        z_old : ndarray, shape (X, Y, Z), float32
+            May be a strided view; may be ``z`` itself (with ``c = 0``: just the stencil).
+        z : ndarray, shape (X, Y, Z), float32, contiguous
+            Updated in place.
         c : float
         a_sq : ndarray, shape (3, X, Y, Z), float32, contiguous
             Squared weights of the three difference components; must vanish on the last
             plane along their axis (the differences are taken on the flattened arrays, so
             these zeros are what stops them at the array's faces).
-        z_new : ndarray, shape (X, Y, Z), float32, contiguous
-            Output; must not overlap ``z_old`` or ``img``.
         out : ndarray, shape (X, Y, Z), float32
             Output (may be a view into a padded array).
         """
-        nx = z_old.shape[0]
-        rows = _rows_per_block(z_old.shape)
-        plane = int(np.prod(z_old.shape[1:]))
+        nx = z.shape[0]
+        rows = _rows_per_block(z.shape)
+        plane = int(np.prod(z.shape[1:]))
         n = nx * plane
-        offsets = (plane, z_old.shape[2], 1)  # flat strides of the three axes
-        zf = z_new.reshape(-1)
+        offsets = (plane, z.shape[2], 1)  # flat strides of the three axes
+        zf = z.reshape(-1)
         af = a_sq.reshape(3, -1)
+        same = img is z
 
-        def update(lo, hi):  # z_new = img - c z_old
-            for s in range(lo, hi, rows):
-                e = min(s + rows, hi)
-                zb = z_new[s:e]
-                np.multiply(z_old[s:e], c, out=zb)
-                np.subtract(img[s:e], zb, out=zb)
+        def update(p0, p1):  # z = img - c z on planes [p0, p1)
+            if p1 > p0 and not same:
+                zb = z[p0:p1]
+                np.multiply(zb, c, out=zb)
+                np.subtract(img[p0:p1], zb, out=zb)
 
-        def stencil(lo, hi):  # out = L z_new on planes [lo, hi); returns <z_new, out>
+        # Each part's first and last planes are updated before any part's stencil (a
+        # part's stencil reads its neighbours' boundary planes); the other planes are
+        # updated one block ahead of the stencil, so the stencil reads them from cache.
+        threads = max(1, min(self.threads, nx))  # the same parts in both calls below
+
+        def edges(lo, hi):
+            update(lo, min(lo + 1, hi))
+            update(max(hi - 1, lo + 1), hi)
+
+        _split_run(nx, threads, edges)
+
+        def stencil(lo, hi):  # out = L z on planes [lo, hi); returns <z, out>
             acc = 0.0
             size = min(rows, hi - lo) * plane
             tbuf = np.empty(size + plane, np.float32)
             ybuf = np.empty(size, np.float32)
+            done = min(lo + 1, hi)  # planes [lo, done) are up to date (and hi - 1)
             for s in range(lo, hi, rows):
                 e = min(s + rows, hi)
+                ahead = min(e + 1, hi - 1)
+                if ahead > done:
+                    update(done, ahead)
+                    done = ahead
                 f0, f1 = s * plane, e * plane
                 y = ybuf[: f1 - f0]
                 y.fill(0.0)
@@ -490,11 +505,10 @@ class NumpyBackend:
                     k0 = max(f0, i0 + o)
                     np.add(y[k0 - f0:], t[k0 - o - i0: f1 - o - i0], out=y[k0 - f0:])
                 acc += _dot32(zf[f0:f1], y)
-                np.copyto(out[s:e], y.reshape((e - s,) + z_old.shape[1:]))
+                np.copyto(out[s:e], y.reshape((e - s,) + z.shape[1:]))
             return acc
 
-        _split_run(nx, self.threads, update)
-        return float(sum(_split_run(nx, self.threads, stencil)))
+        return float(sum(_split_run(nx, threads, stencil)))
 
 
 class TorchBackend:
@@ -684,18 +698,19 @@ class TorchBackend:
         rv.mul_(kernel).sub_(self.real_view(v), alpha=c)
         return vals, float(self.torch.dot(rv, rv))
 
-    def gradient_residual(self, img, z_old, c: float, a_sq, z_new, out) -> float:
-        """``z_new = img - c z_old``, ``out = sum_j D_j^T (a_j D_j z_new)``; ``<z_new, out>``."""
-        self.torch.sub(img, z_old, alpha=c, out=z_new)
-        y = self.torch.zeros_like(z_new)
+    def gradient_residual(self, img, z, c: float, a_sq, out) -> float:
+        """``z = img - c z`` (in place), ``out = sum_j D_j^T (a_j D_j z)``; ``<z, out>``."""
+        if img is not z:
+            z.mul_(-c).add_(img)
+        y = self.torch.zeros_like(z)
         for ax in range(3):
-            n = z_new.shape[ax]
-            t = (z_new.narrow(ax, 1, n - 1) - z_new.narrow(ax, 0, n - 1)) \
+            n = z.shape[ax]
+            t = (z.narrow(ax, 1, n - 1) - z.narrow(ax, 0, n - 1)) \
                 * a_sq[ax].narrow(ax, 0, n - 1)
             y.narrow(ax, 0, n - 1).sub_(t)
             y.narrow(ax, 1, n - 1).add_(t)
         out.copy_(y)
-        return float(self.torch.dot(z_new.reshape(-1), y.reshape(-1)))
+        return float(self.torch.dot(z.reshape(-1), y.reshape(-1)))
 
 
 def get_backend(device: str = "cpu"):

@@ -295,7 +295,6 @@ class ConeGradientOp(LinearOperator):
         self.a_sq = bk.asarray(a_sq)
         self.pad = bk.zeros(grid.shape)
         self.spec_full = bk.zeros_complex(cone.shape)
-        self.spare = None
         self._unorm = (None, 0.0)  # (z, ||W_g grad z||) cached by matvec_update
         self._vnorm = (None, 0.0)  # (v, ||v||) cached by rmatvec_update
         self._pad_of = None  # the z whose L z fills pad[box]
@@ -316,8 +315,7 @@ class ConeGradientOp(LinearOperator):
 
     def _normal(self, z, out):
         """``out = L z``; returns ``<z, L z>``."""
-        scratch = self.backend.zeros_like(z)
-        return self.backend.gradient_residual(z, z, 0.0, self.a_sq, scratch, out)
+        return self.backend.gradient_residual(z, z, 0.0, self.a_sq, out)
 
     # -- norms and inner products ----------------------------------------------------------
     def unorm(self, u):
@@ -349,16 +347,14 @@ class ConeGradientOp(LinearOperator):
         return self.rhs(self.image(v))
 
     def matvec_update(self, v, u, alpha):
-        """``A v - alpha u`` in one sweep (a new vector, recycling an old one; caches the norm)."""
-        # One sweep: z_new = img - alpha z, L z_new (the adjoint's FFT input), ||u_new||^2.
-        bk = self.backend
+        """``A v - alpha u`` in one sweep (overwrites ``u``; caches the norm)."""
+        # One sweep: z <- img - alpha z, L z (the adjoint's FFT input), ||u||^2.
         img = self.image(v)
-        new = self.spare if self.spare is not None else bk.empty_like(u)
-        sq = bk.gradient_residual(img[self.box], u, alpha, self.a_sq, new, self.pad[self.box])
-        self.spare = u
-        self._unorm = (new, math.sqrt(max(sq, 0.0)))
-        self._pad_of = new
-        return new
+        sq = self.backend.gradient_residual(img[self.box], u, alpha, self.a_sq,
+                                            self.pad[self.box])
+        self._unorm = (u, math.sqrt(max(sq, 0.0)))
+        self._pad_of = u
+        return u
 
     def _adjoint_spectrum(self, u):
         if self._pad_of is not u:

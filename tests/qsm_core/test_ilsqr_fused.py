@@ -133,17 +133,22 @@ def test_gradient_residual(bk, rng):
     for ax in range(3):  # the contract: weights vanish on the last plane along their axis
         a_sq[(ax,) + (slice(None),) * ax + (-1,)] = 0
     z_old = rng.normal(size=shape).astype(np.float32)
-    z_new = bk.zeros(shape)
+    z = _arr(bk, z_old)
     pad = bk.zeros((12, 9, 8))
-    sq = bk.gradient_residual(bk.asarray(img_full)[box], bk.asarray(z_old), 0.8,
-                              bk.asarray(a_sq), z_new, pad[box])
+    sq = bk.gradient_residual(bk.asarray(img_full)[box], z, 0.8, bk.asarray(a_sq), pad[box])
     ref_z = img_full[box].astype(np.float64) - 0.8 * z_old
     ref_y = _reference_normal(ref_z, a_sq.astype(np.float64))
-    _close(_np(bk, z_new), ref_z)
+    _close(_np(bk, z), ref_z)
     ref_pad = np.zeros((12, 9, 8))
     ref_pad[box] = ref_y
     _close(_np(bk, pad), ref_pad)
     assert sq == pytest.approx(float((ref_z * ref_y).sum()), rel=1e-5)
+    # img is z, c = 0: the stencil alone, z untouched
+    pad2 = bk.zeros((12, 9, 8))
+    sq2 = bk.gradient_residual(z, z, 0.0, bk.asarray(a_sq), pad2[box])
+    _close(_np(bk, z), ref_z)
+    _close(_np(bk, pad2), ref_pad)
+    assert sq2 == pytest.approx(sq, rel=1e-5)
 
 
 def test_cone_scatter_and_gather(bk, rng):
