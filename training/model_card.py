@@ -21,7 +21,7 @@ probability (`cnn_prob`) and a call (`cnn_call`, probability >= {threshold:.3f})
 
 ## Model
 - Architecture: `{arch}` from MONAI parts, widths {net_channels}, {n_params} parameters per
-  fold network; lesion-type head: {types}.
+  fold network; lesion-type head: {types}; {shells}.
 - Ensemble of {n_folds} fold networks (patient-grouped cross-validation), test-time augmentation
   `{tta}` (flips/rotations about B0), temperature scaling (T = {temperature:.3f}, offset
   {offset:+.3f}) fitted on out-of-fold logits.
@@ -82,6 +82,9 @@ def render_model_card(*, config, metrics: dict, fingerprint: dict, calibration: 
         channels=", ".join(config.channels), threshold=calibration["threshold"],
         arch=config.arch, net_channels=config.net_channels, n_params=f"{n_params:,}",
         types=(f"{config.n_types} types ({config.type_column})" if config.n_types else "none"),
+        shells=("lesion-edge shell features (`rimnet.shells`) fused into the head"
+                + (", QSM centred on the ring around the lesion" if config.centre_qsm else "")
+                if config.shell_features else "image features only"),
         n_folds=len(metrics["folds"]), tta=config.tta, temperature=calibration["temperature"],
         offset=calibration["offset"], label_column=config.label_column,
         n_lesions=fingerprint.get("n_lesions"), n_positive=fingerprint.get("n_positive"),
