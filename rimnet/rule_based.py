@@ -122,8 +122,13 @@ def _sq_dist_vox(mask: np.ndarray, t_max: int, big: int, dtype) -> np.ndarray:
     same candidates (offsets of at most ``t_max`` voxels along each axis), ``big`` where
     there is none.
     """
-    d2 = np.where(mask, dtype(0), dtype(big))
-    for axis in range(d2.ndim):
+    return _min_plus_passes(np.where(mask, dtype(0), dtype(big)), range(mask.ndim), t_max,
+                            dtype)
+
+
+def _min_plus_passes(d2: np.ndarray, axes, t_max: int, dtype) -> np.ndarray:
+    """Separable min-plus passes (squared offsets up to ``t_max``) along ``axes``."""
+    for axis in axes:
         # the pass axis first in memory: every slice below is a run of whole planes
         src = np.ascontiguousarray(np.moveaxis(d2, axis, 0))
         out = src.copy()
@@ -381,19 +386,7 @@ def rim_features(chi_ppm: np.ndarray, lesion: np.ndarray, others: np.ndarray | N
 
 def _sq_dist_vox_batch(mask: np.ndarray, t_max: int, big: int, dtype) -> np.ndarray:
     """:func:`_sq_dist_vox` of each mask of a stack, shape (N, X, Y, Z)."""
-    d2 = np.where(mask, dtype(0), dtype(big))
-    for axis in (1, 2, 3):
-        src = np.ascontiguousarray(np.moveaxis(d2, axis, 0))
-        out = src.copy()
-        tmp = np.empty_like(src)
-        for t in range(1, min(t_max, src.shape[0] - 1) + 1):
-            w = dtype(t * t)
-            np.add(src[:-t], w, out=tmp[:-t])
-            np.minimum(out[t:], tmp[:-t], out=out[t:])
-            np.add(src[t:], w, out=tmp[t:])
-            np.minimum(out[:-t], tmp[t:], out=out[:-t])
-        d2 = np.moveaxis(out, 0, axis)
-    return d2
+    return _min_plus_passes(np.where(mask, dtype(0), dtype(big)), (1, 2, 3), t_max, dtype)
 
 
 def _dilate_cube_batch(mask: np.ndarray) -> np.ndarray:
