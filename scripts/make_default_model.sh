@@ -2,24 +2,21 @@
 # Recreates the packaged default model (rimnet/default_model) from simulated data with the
 # project's own commands. Usage: scripts/make_default_model.sh WORK_DIR [MODEL_DIR]
 #
-# Training data: Siemens-preset scans at 1 mm, an MS-only cohort with more lesions and more
-# rims per patient than a clinical cohort (so that many lesions come from few scans);
-# 24 subjects are simulated and the first 18 are used (the time available when the shipped
-# model was made). Labels: the simulation's ground truth (truth_prl).
+# Training data: 30 Siemens-preset scans at 1 mm, an MS-only cohort with more lesions and
+# more rims per patient than a clinical cohort (so that many lesions come from few scans).
+# Labels: the simulation's ground truth (truth_prl).
 set -euo pipefail
 work=${1:?usage: make_default_model.sh WORK_DIR [MODEL_DIR]}
 model=${2:-rimnet/default_model}
 mkdir -p "$work"
-labels=$(seq -f "%03g" 1 18)
-qsmrim simulate "$work/bids" --preset ms-only --subjects 24 --seed 101 --scanner siemens \
+qsmrim simulate "$work/bids" --preset ms-only --subjects 30 --seed 101 --scanner siemens \
   --set MS.lesions_mean=24 --set MS.lesions_sd=5 --set MS.sessions_mean=1 \
   --set MS.lesion_prl_fraction=0.3 --set MS.patient_prl_fraction=0.9 --no-progress
-# shellcheck disable=SC2086
-qsmrim recon "$work/bids" "$work/qsm" --participant-label $labels
-# shellcheck disable=SC2086
+qsmrim recon "$work/bids" "$work/qsm"
 qsmrim extract "$work/bids" "$work/patches" --qsm "$work/qsm" \
   --lesions "$work/bids/derivatives/lesions" \
-  --labels "$work/bids/derivatives/lesions/lesions.tsv" --participant-label $labels
+  --labels "$work/bids/derivatives/lesions/lesions.tsv"
 qsmrim train --patches "$work/patches" --label-column truth_prl --folds 5 --seed 0 \
-  --out "$model"
-# defaults used: resnet, 32 mm / 32 samples, 30 epochs, patience 10 (training/config.py)
+  --epochs 50 --patience 15 --out "$model"
+# defaults used: resnet + lesion-edge shell features, 32 mm / 32 samples;
+# see training/config.py
