@@ -218,12 +218,10 @@ def _distance_regions(les: np.ndarray, *, spacing_mm: float, reach_mm: float,
     # offsets than the float32 path's reach_mm give the same maps.
     t_out = int(np.floor(max(outer_mm, nawm_inner_mm, nawm_outer_mm, rim_outer_mm, vein_mm)
                          / spacing_mm))
-    cut_out = cut_in = None
-    if _FAST_DISTANCES and t_out * spacing_mm <= reach_mm:
-        cut_out = _integer_cutoffs(float(spacing_mm), t_out, (
-            ("le", float(outer_mm)), ("gt", float(nawm_inner_mm)), ("le", float(nawm_outer_mm)),
-            ("gt", float(rim_outer_mm)), ("gt", float(vein_mm))))
-        cut_in = _integer_cutoffs(float(spacing_mm), t_in, (("le", float(inner_mm)),))
+    cut_out, cut_in = _band_cutoffs(spacing_mm, t_out=t_out, t_in=t_in, reach_mm=reach_mm,
+                                    inner_mm=inner_mm, outer_mm=outer_mm,
+                                    nawm_inner_mm=nawm_inner_mm, nawm_outer_mm=nawm_outer_mm,
+                                    rim_outer_mm=rim_outer_mm, vein_mm=vein_mm)
     if cut_out is None or cut_in is None:
         d_out = truncated_edt(les, spacing_mm=spacing_mm, max_mm=reach_mm)
         d_in = truncated_edt(~les, spacing_mm=spacing_mm, max_mm=depth_mm)
@@ -384,6 +382,22 @@ def rim_features(chi_ppm: np.ndarray, lesion: np.ndarray, others: np.ndarray | N
             "rule_call": int(call), "margin": margin}
 
 
+def _band_cutoffs(spacing_mm, *, t_out, t_in, reach_mm, inner_mm, outer_mm, nawm_inner_mm,
+                  nawm_outer_mm, rim_outer_mm, vein_mm):
+    """Integer squared-distance cut-offs of the band tests, or ``(None, None)``.
+
+    ``(None, None)`` when the fast integer path is off or cannot reproduce the float32
+    comparisons (see :func:`_integer_cutoffs`); the callers then use float distances.
+    """
+    if not (_FAST_DISTANCES and t_out * spacing_mm <= reach_mm):
+        return None, None
+    cut_out = _integer_cutoffs(float(spacing_mm), t_out, (
+        ("le", float(outer_mm)), ("gt", float(nawm_inner_mm)), ("le", float(nawm_outer_mm)),
+        ("gt", float(rim_outer_mm)), ("gt", float(vein_mm))))
+    cut_in = _integer_cutoffs(float(spacing_mm), t_in, (("le", float(inner_mm)),))
+    return cut_out, cut_in
+
+
 def _sq_dist_vox_batch(mask: np.ndarray, t_max: int, big: int, dtype) -> np.ndarray:
     """:func:`_sq_dist_vox` of each mask of a stack, shape (N, X, Y, Z)."""
     return _min_plus_passes(np.where(mask, dtype(0), dtype(big)), (1, 2, 3), t_max, dtype)
@@ -468,12 +482,10 @@ def _rim_features_chunk(chi_ppm, lesion, others, *, spacing_mm: float = 1.0,
     t_out = int(np.floor(max(outer_mm, nawm_inner_mm, nawm_outer_mm, rim_outer_mm, vein_mm)
                          / spacing_mm))
     reach_mm = max(nawm_outer_mm, rim_outer_mm + vein_reach_mm) + spacing_mm
-    cut_out = cut_in = None
-    if _FAST_DISTANCES and t_out * spacing_mm <= reach_mm:
-        cut_out = _integer_cutoffs(float(spacing_mm), t_out, (
-            ("le", float(outer_mm)), ("gt", float(nawm_inner_mm)), ("le", float(nawm_outer_mm)),
-            ("gt", float(rim_outer_mm)), ("gt", float(vein_mm))))
-        cut_in = _integer_cutoffs(float(spacing_mm), t_in, (("le", float(inner_mm)),))
+    cut_out, cut_in = _band_cutoffs(spacing_mm, t_out=t_out, t_in=t_in, reach_mm=reach_mm,
+                                    inner_mm=inner_mm, outer_mm=outer_mm,
+                                    nawm_inner_mm=nawm_inner_mm, nawm_outer_mm=nawm_outer_mm,
+                                    rim_outer_mm=rim_outer_mm, vein_mm=vein_mm)
     if cut_out is None or cut_in is None:
         return [rim_features(c, le, None if others is None else o, **kw)
                 for c, le, o in zip(chi_ppm, lesion, others if others is not None
