@@ -12,21 +12,18 @@ The iLSQR operators and LSQR also use a few *fused* kernels
 :meth:`~NumpyBackend.weighted_residual`, :meth:`~NumpyBackend.spectrum_update`,
 :meth:`~NumpyBackend.scatter_scaled`, :meth:`~NumpyBackend.gather_update`,
 :meth:`~NumpyBackend.gradient_residual`). Each does in one sweep over memory what would
-otherwise be several full-volume numpy passes: on numpy they walk the arrays in blocks of
-about 64 k elements (so intermediates stay in the L2 cache) split over the cores by a
-small thread pool (numpy releases the GIL inside its loops); on torch they are plain
-tensor expressions.
+otherwise be several full-volume numpy passes: on numpy they are parallel numba kernels
+(:mod:`qsm_core.inversion._kernels`, compiled or loaded from numba's cache by
+:meth:`NumpyBackend.warm`, which the operators call when they are built); on torch they
+are plain tensor expressions.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.fft
-import scipy.linalg.blas as blas
 
 from qsm_core.errors import InputError
 
@@ -34,20 +31,17 @@ __all__ = ["get_backend", "NumpyBackend", "TorchBackend", "DEVICES"]
 
 DEVICES = ("cpu", "torch-cpu", "cuda")
 
-BLOCK_ELEMS = 1 << 16
-"""Elements per block of the fused numpy kernels (256 KiB of float32)."""
-
-_POOLS: dict = {}
-_POOL_LOCK = threading.Lock()
+_KERNELS = None
 
 
-def _forget_pools() -> None:  # pragma: no cover - runs in forked children
-    _POOLS.clear()
+def _kernels():
+    """The numba kernel module (imported, i.e. compiled or loaded from cache, once)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from qsm_core.inversion import _kernels
 
-
-if hasattr(os, "register_at_fork"):
-    # A forked child has none of the parent's pool threads: start fresh pools there.
-    os.register_at_fork(after_in_child=_forget_pools)
+        _KERNELS = _kernels
+    return _KERNELS
 
 
 def _cpu_count() -> int:
@@ -57,44 +51,14 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _split_run(n: int, threads: int, work) -> list:
-    """Call ``work(lo, hi)`` on ``threads`` contiguous parts of ``range(n)``, in parallel.
-
-    The first part runs in the calling thread, the others on a shared pool. Returns the
-    results in part order.
-    """
-    threads = max(1, min(threads, n))
-    if threads == 1:
-        return [work(0, n)]
-    bounds = [n * i // threads for i in range(threads + 1)]
-    with _POOL_LOCK:
-        pool = _POOLS.get(threads)
-        if pool is None:
-            pool = _POOLS[threads] = ThreadPoolExecutor(threads - 1,
-                                                        thread_name_prefix="qsm-backend")
-    futures = [pool.submit(work, bounds[i], bounds[i + 1]) for i in range(1, threads)]
-    first = work(bounds[0], bounds[1])
-    return [first] + [f.result() for f in futures]
-
-
-def _dot32(a: np.ndarray, b: np.ndarray) -> float:
-    """Inner product of two float32 blocks (BLAS ``sdot``; short, so on this thread)."""
-    return float(np.dot(a.reshape(-1), b.reshape(-1)))
-
-
-def _rows_per_block(shape) -> int:
-    """Planes (along axis 0) per block so that a block holds about BLOCK_ELEMS elements."""
-    plane = int(np.prod(shape[1:], dtype=np.int64)) or 1
-    return max(1, BLOCK_ELEMS // plane)
-
-
 class NumpyBackend:
-    """numpy/scipy backend: float32 arrays, ``scipy.fft`` with all cores, BLAS updates.
+    """numpy/scipy backend: float32 arrays, ``scipy.fft``, fused numba kernels.
 
     Parameters
     ----------
     workers : int
-        FFT threads (-1: all cores).
+        FFT workers (-1: all cores); the kernels use as many threads (:attr:`threads`,
+        capped by numba's pool, ``NUMBA_NUM_THREADS``).
     """
 
     name = "numpy"
@@ -160,14 +124,20 @@ class NumpyBackend:
         return a.reshape(-1).view(np.float32)
 
     def kernel(self, k) -> np.ndarray:
-        """Prepare a real k-space kernel to multiply a spectrum's :meth:`real_view`."""
-        return np.ascontiguousarray(np.repeat(np.asarray(k, np.float32), 2, axis=-1).reshape(-1))
+        """Prepare a real k-space kernel to multiply a spectrum (contiguous float32)."""
+        return np.ascontiguousarray(k, dtype=np.float32)
 
-    def mul_spec(self, spec, kernel, out=None):
-        """``out = spec * kernel`` for a kernel from :meth:`kernel` (in place if out is spec)."""
+    @staticmethod
+    def mul_spec(spec, kernel, out=None):
+        """``out = spec * kernel`` for a kernel from :meth:`kernel` (in place if out is spec).
+
+        Real and imaginary parts are multiplied as reals (no complex product).
+        """
         if out is None:
             out = np.empty_like(spec)
-        np.multiply(self.real_view(spec), kernel, out=self.real_view(out))
+        pairs = spec.shape + (2,)
+        np.multiply(spec.view(np.float32).reshape(pairs), kernel[..., None],
+                    out=out.view(np.float32).reshape(pairs))
         return out
 
     @staticmethod
@@ -195,55 +165,30 @@ class NumpyBackend:
         """``view -= x`` in place."""
         return np.subtract(view, x, out=view)
 
+    def _run(self, name: str, *args):
+        k = _kernels()
+        return k.launch(getattr(k, name), self.threads, *args)
+
+    def warm(self) -> None:
+        """Compile the numba kernels, or load them from numba's cache (once per process)."""
+        _kernels()
+
     def dot(self, a, b) -> float:
-        """Real inner product (complex arrays as interleaved real vectors).
-
-        In blocks on the backend's threads (OpenBLAS's own threads are slow to start when
-        the cores are busy).
-        """
-        ra, rb = self.real_view(a), self.real_view(b)
-
-        def work(lo, hi):
-            return sum(_dot32(ra[s: min(s + BLOCK_ELEMS, hi)], rb[s: min(s + BLOCK_ELEMS, hi)])
-                       for s in range(lo, hi, BLOCK_ELEMS))
-
-        return float(sum(_split_run(ra.size, self.threads if ra.size > BLOCK_ELEMS else 1,
-                                    work)))
+        """Real inner product (complex arrays as interleaved real vectors), float64 sums."""
+        return float(self._run("dot", self.real_view(a), self.real_view(b), self.threads))
 
     def nrm2(self, a) -> float:
         """Euclidean norm (complex arrays as interleaved real vectors)."""
         return float(np.sqrt(max(self.dot(a, a), 0.0)))
 
     def axpy(self, alpha: float, x, y):
-        """``y += alpha * x`` in place; returns ``y``.
-
-        Blocked numpy on the backend's threads rather than BLAS ``saxpy``: OpenBLAS's own
-        threads cost more than the update itself when the cores are busy.
-        """
-        rx, ry = self.real_view(x), self.real_view(y)
-        if ry.size <= BLOCK_ELEMS:
-            blas.saxpy(rx, ry, a=alpha)
-            return y
-
-        def work(lo, hi):
-            tmp = np.empty(min(BLOCK_ELEMS, hi - lo), np.float32)
-            for s in range(lo, hi, BLOCK_ELEMS):
-                e = min(s + BLOCK_ELEMS, hi)
-                t = tmp[: e - s]
-                np.multiply(rx[s:e], alpha, out=t)
-                np.add(ry[s:e], t, out=ry[s:e])
-
-        _split_run(ry.size, self.threads, work)
+        """``y += alpha * x`` in place; returns ``y``."""
+        self._run("axpy", float(alpha), self.real_view(x), self.real_view(y))
         return y
 
     def scal(self, alpha: float, x):
         """``x *= alpha`` in place; returns ``x``."""
-        rx = self.real_view(x)
-
-        def work(lo, hi):
-            np.multiply(rx[lo:hi], alpha, out=rx[lo:hi])
-
-        _split_run(rx.size, self.threads if rx.size > BLOCK_ELEMS else 1, work)
+        self._run("scal", float(alpha), self.real_view(x))
         return x
 
     def copy(self, a):
@@ -257,56 +202,40 @@ class NumpyBackend:
         """Zeros like ``a``."""
         return np.zeros_like(a)
 
-    # -- fused kernels (one sweep over memory, blocked and threaded) -----------------------
+    # -- fused kernels (numba, one sweep over memory; see qsm_core.inversion._kernels) -----
     def lsqr_update(self, x, w, v, a: float, c: float):
         """LSQR's solution update: ``x += a w`` then ``w = v + c w``, in one sweep.
 
         All three are contiguous arrays of one shape and dtype (complex as real pairs).
         Returns ``x``.
         """
-        rx, rw, rv = self.real_view(x), self.real_view(w), self.real_view(v)
-
-        def work(lo, hi):
-            tmp = np.empty(min(BLOCK_ELEMS, hi - lo), np.float32)
-            for s in range(lo, hi, BLOCK_ELEMS):
-                e = min(s + BLOCK_ELEMS, hi)
-                t, xb, wb = tmp[: e - s], rx[s:e], rw[s:e]
-                np.multiply(wb, a, out=t)
-                np.add(xb, t, out=xb)
-                np.multiply(wb, c, out=wb)
-                np.add(wb, rv[s:e], out=wb)
-
-        _split_run(rx.size, self.threads, work)
+        self._run("lsqr_update", self.real_view(x), self.real_view(w), self.real_view(v),
+                  float(a), float(c))
         return x
 
     def lsqr_update_group(self, x, w, updates, lo: int, hi: int):
         """``x += a w`` then ``w = v + c w`` for each ``(a, c, v)`` in turn, in one sweep.
 
         Only the elements ``[lo, hi)`` of the real views are touched; ``c`` None means
-        only ``x += a w``. Returns ``x``.
+        only ``x += a w``. Up to four updates share one sweep. Returns ``x``.
         """
+        if hi <= lo:
+            return x
         rx, rw = self.real_view(x), self.real_view(w)
-        rvs = [(a, c, None if c is None else self.real_view(v)) for a, c, v in updates]
-
-        def work(p0, p1):
-            p0, p1 = lo + p0, lo + p1
-            tmp = np.empty(min(BLOCK_ELEMS, max(p1 - p0, 1)), np.float32)
-            for s in range(p0, p1, BLOCK_ELEMS):
-                e = min(s + BLOCK_ELEMS, p1)
-                t, xb, wb = tmp[: e - s], rx[s:e], rw[s:e]
-                for a, c, rv in rvs:
-                    np.multiply(wb, a, out=t)
-                    np.add(xb, t, out=xb)
-                    if c is not None:
-                        np.multiply(wb, c, out=wb)
-                        np.add(wb, rv[s:e], out=wb)
-
-        if hi > lo:  # (a short range is not worth a thread hand-off)
-            _split_run(hi - lo, self.threads if hi - lo > 8 * BLOCK_ELEMS else 1, work)
+        for g in range(0, len(updates), 4):
+            part = updates[g: g + 4]
+            a, c, has_c = np.zeros(4), np.zeros(4), np.zeros(4, bool)
+            vs = [rw] * 4
+            for j, (aj, cj, vj) in enumerate(part):
+                a[j] = aj
+                if cj is not None:
+                    c[j], has_c[j], vs[j] = cj, True, self.real_view(vj)
+            self._run("lsqr_update_group", rx, rw, *vs, a, c, has_c, len(part), int(lo),
+                      int(hi))
         return x
 
-    def weighted_residual(self, img, w_sq, out, c: float, w_inv_sq) -> float:
-        """``out = w_sq * img - c out`` (in place); returns ``sum w_inv_sq out^2``.
+    def weighted_residual(self, img, w_sq, out, c: float) -> float:
+        """``out = w_sq * img - c out`` (in place); returns ``sum out^2 / w_sq`` (w_sq > 0).
 
         With ``out = W u`` (a data vector stored pre-weighted, in the box of the adjoint's
         zero-padded FFT input) this is ``W (W img - c u)`` and its norm ``||u||^2``.
@@ -314,92 +243,48 @@ class NumpyBackend:
         Parameters
         ----------
         img : ndarray, shape (X, Y, Z), float32
-            May be a strided view (a box inside a padded image).
-        w_sq, w_inv_sq : ndarray, shape (X, Y, Z), float32, contiguous
-            ``W^2`` and ``1 / W^2`` (0 where ``W = 0``).
+            May be a view with contiguous rows (a box inside a padded image).
+        w_sq : ndarray, shape (X, Y, Z), float32, contiguous
+            ``W^2`` (0 where ``W = 0``; ``1 / W^2`` is formed on the fly).
         out : ndarray, shape (X, Y, Z), float32
-            May be a strided view.
+            May be a view with contiguous rows.
         c : float
         """
-        rows = _rows_per_block(w_sq.shape)
+        if w_sq.size == 0:
+            return 0.0
+        k = _kernels()
+        return float(self._run("weighted_residual", *k.row_span(img), w_sq, *k.row_span(out),
+                               float(c), self.threads))
 
-        def work(lo, hi):
-            acc = 0.0
-            tmp = np.empty((2, min(rows, hi - lo)) + w_sq.shape[1:], np.float32)
-            for s in range(lo, hi, rows):
-                e = min(s + rows, hi)
-                t, t2, ob = tmp[0, : e - s], tmp[1, : e - s], out[s:e]
-                np.multiply(ob, c, out=t2)  # the strided arrays are touched once each
-                np.multiply(w_sq[s:e], img[s:e], out=t)
-                np.subtract(t, t2, out=t)
-                np.copyto(ob, t)
-                np.multiply(t, w_inv_sq[s:e], out=t2)
-                acc += _dot32(t2, t)
-            return acc
-
-        return float(sum(_split_run(w_sq.shape[0], self.threads, work)))
-
-    def spectrum_update(self, s, v, c: float, k_mul, k_norm):
-        """``s = k_mul * s - c v`` (in place) on half spectra, and its weighted norm.
+    def spectrum_update(self, s, v, c: float, k_sq):
+        """``s = k_sq * s - c v`` (in place) on half spectra, and ``sum |s|^2 / k_sq``.
 
         Parameters
         ----------
         s, v : ndarray, shape (X, Y, M), complex64, contiguous
         c : float
-        k_mul, k_norm : ndarray
-            Real kernels from :meth:`kernel` (interleaved to match the real views).
+        k_sq : ndarray, shape (X, Y, M)
+            Real kernel from :meth:`kernel` (>= 0; the norm's weight ``1 / k_sq``, 0 where
+            ``k_sq = 0``, is formed on the fly).
 
         Returns
         -------
         tuple of 3 floats
-            ``sum k_norm |s|^2`` over the whole spectrum, over the plane ``[..., 0]`` and
-            over the plane ``[..., -1]`` (for Hermitian weights).
+            The weighted sum over the whole spectrum, over the plane ``[..., 0]`` and over
+            the plane ``[..., -1]`` (for Hermitian weights).
         """
-        shape = s.shape
-        plane = 2 * shape[1] * shape[2]
-        rows = _rows_per_block((shape[0], plane))
-        rs_all, rv_all = self.real_view(s), self.real_view(v)
-
-        def work(lo, hi):
-            tot = first = last = 0.0
-            tmp = np.empty(min(rows, hi - lo) * plane, np.float32)
-            for r0 in range(lo, hi, rows):
-                r1 = min(r0 + rows, hi)
-                a, b = r0 * plane, r1 * plane
-                t, rs = tmp[: b - a], rs_all[a:b]
-                np.multiply(rs, k_mul[a:b], out=rs)
-                np.multiply(rv_all[a:b], c, out=t)
-                np.subtract(rs, t, out=rs)
-                np.multiply(rs, k_norm[a:b], out=t)
-                tot += _dot32(rs, t)
-                s4 = rs.reshape(r1 - r0, shape[1], shape[2], 2)
-                t4 = t.reshape(r1 - r0, shape[1], shape[2], 2)
-                first += _dot32(s4[:, :, 0], t4[:, :, 0])
-                last += _dot32(s4[:, :, -1], t4[:, :, -1])
-            return tot, first, last
-
-        parts = _split_run(shape[0], self.threads, work)
-        return tuple(float(sum(p[i] for p in parts)) for i in range(3))
+        real = s.shape[:2] + (2 * s.shape[2],)
+        sums = self._run("spectrum_update", s.view(np.float32).reshape(real),
+                         v.view(np.float32).reshape(real), float(c), k_sq, self.threads)
+        return tuple(float(x) for x in sums)
 
     def scatter_scaled(self, buf, idx, values, kernel):
-        """``buf.ravel()[idx] = kernel * values`` (complex ``values``, real-pair kernel).
+        """``buf.ravel()[idx] = kernel * values`` (complex ``values``, real kernel).
 
-        ``idx`` must be sorted and unique (blocks of it are written by different threads).
-        Returns ``buf``.
+        ``idx`` must be unique. Returns ``buf``.
         """
-        flat, rv = buf.reshape(-1), self.real_view(values)
-        n = idx.size
-        step = BLOCK_ELEMS // 2
-
-        def work(lo, hi):
-            tmp = np.empty(min(step, hi - lo), values.dtype)
-            for s in range(lo, hi, step):
-                e = min(s + step, hi)
-                t = tmp[: e - s]
-                np.multiply(rv[2 * s: 2 * e], kernel[2 * s: 2 * e], out=self.real_view(t))
-                flat[idx[s:e]] = t
-
-        _split_run(n, self.threads if n > step else 1, work)
+        self._run("scatter_scaled", self.real_view(buf), idx, self.real_view(values),
+                  kernel)
         return buf
 
     def gather_update(self, buf, idx, kernel, v, c: float):
@@ -407,108 +292,37 @@ class NumpyBackend:
 
         One sweep; returns ``(r, ||r||^2)``.
         """
-        flat = buf.reshape(-1)
         out = np.empty_like(v)
-        ro, rv = self.real_view(out), self.real_view(v)
-        step = BLOCK_ELEMS // 2
-        n = idx.size
-
-        def work(lo, hi):
-            acc = 0.0
-            tmp = np.empty(2 * min(step, hi - lo), np.float32)
-            for s in range(lo, hi, step):
-                e = min(s + step, hi)
-                a, b = 2 * s, 2 * e
-                out[s:e] = flat[idx[s:e]]
-                np.multiply(ro[a:b], kernel[a:b], out=ro[a:b])
-                t = tmp[: b - a]
-                np.multiply(rv[a:b], c, out=t)
-                np.subtract(ro[a:b], t, out=ro[a:b])
-                acc += _dot32(ro[a:b], ro[a:b])
-            return acc
-
-        sq = sum(_split_run(n, self.threads if n > step else 1, work))
+        sq = self._run("gather_update", self.real_view(buf), idx, kernel, self.real_view(v),
+                       float(c), self.real_view(out), self.threads)
         return out, float(sq)
 
     def gradient_residual(self, img, z, c: float, a_sq, out) -> float:
         """Weighted gradient normal operator of a residual image, in one sweep.
 
         ``z = img - c z`` (in place) and ``out = sum_j D_j^T (a_j D_j z)`` with ``D_j`` the
-        forward difference along axis ``j`` (``D_j z[i] = z[i + e_j] - z[i]``, zero past
+        forward difference along axis ``j`` (``D_j z[i] = z[i + e_j] - z[i]``, zero across
         the last plane; ``D_j^T t[i] = t[i - e_j] - t[i]``). Returns
         ``<z, out> = sum_j ||sqrt(a_j) D_j z||^2``.
 
         Parameters
         ----------
         img : ndarray, shape (X, Y, Z), float32
-            May be a strided view; may be ``z`` itself (with ``c = 0``: just the stencil).
+            May be a view with contiguous rows; may be ``z`` itself (then ``z`` is not
+            touched: just the stencil).
         z : ndarray, shape (X, Y, Z), float32, contiguous
             Updated in place.
         c : float
         a_sq : ndarray, shape (3, X, Y, Z), float32, contiguous
-            Squared weights of the three difference components; must vanish on the last
-            plane along their axis (the differences are taken on the flattened arrays, so
-            these zeros are what stops them at the array's faces).
+            Squared weights of the three difference components.
         out : ndarray, shape (X, Y, Z), float32
-            Output (may be a view into a padded array).
+            Output (may be a view with contiguous rows into a padded array).
         """
-        nx = z.shape[0]
-        rows = _rows_per_block(z.shape)
-        plane = int(np.prod(z.shape[1:]))
-        n = nx * plane
-        offsets = (plane, z.shape[2], 1)  # flat strides of the three axes
-        zf = z.reshape(-1)
-        af = a_sq.reshape(3, -1)
-        same = img is z
-
-        def update(p0, p1):  # z = img - c z on planes [p0, p1)
-            if p1 > p0 and not same:
-                zb = z[p0:p1]
-                np.multiply(zb, c, out=zb)
-                np.subtract(img[p0:p1], zb, out=zb)
-
-        # Each part's first and last planes are updated before any part's stencil (a
-        # part's stencil reads its neighbours' boundary planes); the other planes are
-        # updated one block ahead of the stencil, so the stencil reads them from cache.
-        threads = max(1, min(self.threads, nx))  # the same parts in both calls below
-
-        def edges(lo, hi):
-            update(lo, min(lo + 1, hi))
-            update(max(hi - 1, lo + 1), hi)
-
-        _split_run(nx, threads, edges)
-
-        def stencil(lo, hi):  # out = L z on planes [lo, hi); returns <z, out>
-            acc = 0.0
-            size = min(rows, hi - lo) * plane
-            tbuf = np.empty(size + plane, np.float32)
-            ybuf = np.empty(size, np.float32)
-            done = min(lo + 1, hi)  # planes [lo, done) are up to date (and hi - 1)
-            for s in range(lo, hi, rows):
-                e = min(s + rows, hi)
-                ahead = min(e + 1, hi - 1)
-                if ahead > done:
-                    update(done, ahead)
-                    done = ahead
-                f0, f1 = s * plane, e * plane
-                y = ybuf[: f1 - f0]
-                y.fill(0.0)
-                for j, o in enumerate(offsets):
-                    # t[i] = a_j[i] (z[i + o] - z[i]) for i in [i0, i1); y[i] += t[i - o] - t[i]
-                    i0, i1 = max(f0 - o, 0), min(f1, n - o)
-                    t = tbuf[: i1 - i0]
-                    np.subtract(zf[i0 + o: i1 + o], zf[i0:i1], out=t)
-                    np.multiply(t, af[j, i0:i1], out=t)
-                    # y[i] -= t[i] for i in [f0, i1)
-                    np.subtract(y[: i1 - f0], t[f0 - i0:], out=y[: i1 - f0])
-                    # y[i] += t[i - o] for i in [max(f0, i0 + o), f1)
-                    k0 = max(f0, i0 + o)
-                    np.add(y[k0 - f0:], t[k0 - o - i0: f1 - o - i0], out=y[k0 - f0:])
-                acc += _dot32(zf[f0:f1], y)
-                np.copyto(out[s:e], y.reshape((e - s,) + z.shape[1:]))
-            return acc
-
-        return float(sum(_split_run(nx, threads, stencil)))
+        if z.size == 0:
+            return 0.0
+        k = _kernels()
+        return float(self._run("gradient_residual", *k.row_span(img), z, float(c),
+                               img is not z, a_sq, *k.row_span(out), self.threads))
 
 
 class TorchBackend:
@@ -656,6 +470,9 @@ class TorchBackend:
         """Zeros like ``a``."""
         return self.torch.zeros_like(a)
 
+    def warm(self) -> None:
+        """No-op (nothing to compile)."""
+
     # -- fused kernels (plain tensor expressions; see NumpyBackend for the contracts) ------
     def lsqr_update(self, x, w, v, a: float, c: float):
         """``x += a w`` then ``w = v + c w``; returns ``x``."""
@@ -673,16 +490,16 @@ class TorchBackend:
                 rw.mul_(c).add_(self.real_view(v)[lo:hi])
         return x
 
-    def weighted_residual(self, img, w_sq, out, c: float, w_inv_sq) -> float:
-        """``out = w_sq * img - c out`` (in place); returns ``sum w_inv_sq out^2``."""
+    def weighted_residual(self, img, w_sq, out, c: float) -> float:
+        """``out = w_sq * img - c out`` (in place); returns ``sum out^2 / w_sq`` (w_sq > 0)."""
         out.mul_(-c).addcmul_(w_sq, img)
-        return float((out.square() * w_inv_sq).sum())
+        return float(self.torch.where(w_sq > 0, out.square() / w_sq, 0.0).sum())
 
-    def spectrum_update(self, s, v, c: float, k_mul, k_norm):
-        """``s = k_mul * s - c v`` (in place); sums of ``k_norm |s|^2`` (all, first, last)."""
+    def spectrum_update(self, s, v, c: float, k_sq):
+        """``s = k_sq * s - c v`` (in place); sums of ``|s|^2 / k_sq`` (all, first, last)."""
         rs = self.real_view(s)
-        rs.mul_(k_mul).sub_(self.real_view(v), alpha=c)
-        sq = (rs.square() * k_norm).reshape(s.shape + (2,)).sum(-1)
+        rs.mul_(k_sq).sub_(self.real_view(v), alpha=c)
+        sq = self.torch.where(k_sq > 0, rs.square() / k_sq, 0.0).reshape(s.shape + (2,)).sum(-1)
         return float(sq.sum()), float(sq[:, :, 0].sum()), float(sq[:, :, -1].sum())
 
     def scatter_scaled(self, buf, idx, values, kernel):
