@@ -220,6 +220,28 @@ class StackedEnsemble:
             return functional_call(base, state, args)
 
         self._batched = torch.vmap(one, in_dims=(0, None))
+        self._shells = _common_shells(nets)
+
+    def shell_features(self, x: torch.Tensor):
+        """The networks' shared shell features of ``x`` (``(features, reference)``), or None.
+
+        What :func:`rimnet.network.shared_shell_features` returns, computed by the compiled
+        kernel :func:`rimnet._kernels.shell_features` for a CPU float32 batch of patches
+        (equal to float32 rounding, ~10x faster), else by the networks' own module.
+        """
+        sh = self._shells
+        if sh is None:
+            return None
+        p = x.shape[-1]
+        if x.device.type != "cpu" or x.dtype != torch.float32 or x.ndim != 5 or p > 64:
+            return sh(x)
+        from rimnet._kernels import shell_features
+
+        feats, ref = shell_features(x.numpy(), qsm_channel=sh.qsm_channel,
+                                    lesion_channel=sh.lesion_channel,
+                                    others_channel=sh.others_channel, clip=sh.clip,
+                                    positive=sh.positive)
+        return torch.from_numpy(feats), torch.from_numpy(ref)
 
     def __call__(self, *inputs) -> torch.Tensor:
         """Outputs of every network, shape (K, *output shape); ``inputs`` are shared."""
@@ -228,6 +250,21 @@ class StackedEnsemble:
     def sum(self, *inputs) -> torch.Tensor:
         """Sum of the networks' outputs over the K networks."""
         return self(*inputs).sum(dim=0)
+
+
+def _common_shells(nets: Sequence[nn.Module]):
+    """The shell-feature module all ``nets`` share (same settings), or None."""
+    first = getattr(nets[0], "shells", None)
+    if first is None:
+        return None
+    key = (first.qsm_channel, first.lesion_channel, first.others_channel, first.clip,
+           first.positive)
+    for net in nets:
+        sh = getattr(net, "shells", None)
+        if sh is None or (sh.qsm_channel, sh.lesion_channel, sh.others_channel, sh.clip,
+                          sh.positive) != key:
+            return None
+    return first
 
 
 def fingerprint(nets: Sequence[nn.Module]) -> tuple:
@@ -253,7 +290,9 @@ def checked_stacked_ensemble(nets: Sequence[nn.Module], example: torch.Tensor, *
             sh = shared_shell_features(nets, example)
             args = (example,) if sh is None else (example, sh)
             ref = torch.stack([net(*args).float() for net in nets]).mean(dim=0)
-            got = stacked.sum(*args).float() / len(nets)
+            fast = stacked.shell_features(example)
+            got = stacked.sum(*((example,) if fast is None else (example, fast))).float()
+            got = got / len(nets)
         if got.shape != ref.shape or not torch.allclose(got, ref, rtol=rtol, atol=atol):
             err = (got - ref).abs().max().item() if got.shape == ref.shape else got.shape
             log.warning("stacked fold ensemble differs from its networks (%s); using the "

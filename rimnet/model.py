@@ -11,8 +11,10 @@ one network per cross-validation fold (``fold_K/model.pt``, plain state dicts lo
    reflections) or ``"d4z"`` (those times a flip of the slice axis, 16); all are symmetries
    of the susceptibility dipole about B0;
 2. the rim logits are averaged over views and fold networks;
-3. calibrated: ``logit_cal = (logit + offset) / temperature`` (``offset`` undoes the prior
-   shift of class-weighted training; the temperature is fitted on out-of-fold logits);
+3. calibrated: ``logit_cal = (logit + offset) / temperature + prior_shift`` (``offset``
+   undoes the prior shift of class-weighted training; the temperature is fitted on
+   out-of-fold logits; ``prior_shift`` moves the probabilities from the training cohort's
+   share of rims to the share the model is deployed on);
 4. ``predict_proba`` returns ``[1 - p, p]`` with ``p = sigmoid(logit_cal)``, columns in the
    order of ``classes_ = [0, 1]``; ``predict`` thresholds ``p`` at ``threshold``.
 
@@ -164,7 +166,8 @@ def ensemble_logits(nets: Sequence[nn.Module], patches, *, tta: str = "flip",
         x = x.to(device)
         acc = None
         # shell features are invariant to the views and shared by the folds: computed once
-        sh = shared_shell_features(nets, x)
+        sh = (shared_shell_features(nets, x) if stacked is None
+              else stacked.shell_features(x))
         for view in iter_tta_views(x, tta):
             if stacked is not None:  # the sum over nets in one batched call
                 y = (stacked.sum(view, sh) if sh is not None else stacked.sum(view)).float()
@@ -281,6 +284,8 @@ class RimCNN:
         Logit offset added before the temperature.
     threshold : float
         Probability at or above which :meth:`predict` calls a rim.
+    prior_shift : float
+        Logit shift added after the temperature (training to deployment prevalence).
     tta : str, optional
         Test-time augmentation mode (default: ``config["tta"]`` or ``"none"``).
     batch_size : int
@@ -299,7 +304,8 @@ class RimCNN:
 
     def __init__(self, networks: Sequence[nn.Module], *, config: dict,
                  temperature: float = 1.0, offset: float = 0.0, threshold: float = 0.5,
-                 tta: str | None = None, batch_size: int = 64, device: str = "cpu"):
+                 prior_shift: float = 0.0, tta: str | None = None, batch_size: int = 64,
+                 device: str = "cpu"):
         if not networks:
             raise InputError("RimCNN needs at least one network")
         if not (np.isfinite(temperature) and temperature > 0):
@@ -311,6 +317,9 @@ class RimCNN:
         self.temperature = float(temperature)
         self.offset = float(offset)
         self.threshold = float(threshold)
+        if not np.isfinite(prior_shift):
+            raise InputError(f"prior_shift must be a finite number, got {prior_shift}")
+        self.prior_shift = float(prior_shift)
         self.tta = tta or self.config.get("tta", "none")
         n_tta_views(self.tta)
         self.batch_size = int(batch_size)
@@ -374,7 +383,8 @@ class RimCNN:
         try:
             return cls(nets, config=config, temperature=float(calib.get("temperature", 1.0)),
                        offset=float(calib.get("offset", 0.0)),
-                       threshold=float(calib.get("threshold", 0.5)), tta=tta,
+                       threshold=float(calib.get("threshold", 0.5)),
+                       prior_shift=float(calib.get("prior_shift", 0.0)), tta=tta,
                        batch_size=batch_size, device=device)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InputError):
@@ -398,7 +408,7 @@ class RimCNN:
     def calibration_dict(self) -> dict:
         """Contents of ``temperature.json``."""
         return {"temperature": self.temperature, "offset": self.offset,
-                "threshold": self.threshold}
+                "prior_shift": self.prior_shift, "threshold": self.threshold}
 
     # ------------------------------------------------------------ scoring
     def _check(self, patches) -> None:
@@ -412,7 +422,7 @@ class RimCNN:
 
     def decision_function(self, patches) -> np.ndarray:
         """Calibrated rim logits, shape (N,)."""
-        return (self.raw_logits(patches) + self.offset) / self.temperature
+        return (self.raw_logits(patches) + self.offset) / self.temperature + self.prior_shift
 
     def raw_logits(self, patches, *, tta: str | None = None) -> np.ndarray:
         """Uncalibrated ensemble rim logits, shape (N,)."""

@@ -1,0 +1,41 @@
+"""The compiled kernels (rimnet._kernels) reproduce the readable torch/numpy references."""
+
+import numpy as np
+import pytest
+import torch
+
+from rimnet import _kernels
+from rimnet.shells import ShellFeatures
+from tests.rimnet.synthetic_patches import make_synthetic_patches
+
+
+def _edge_cases(p: int) -> np.ndarray:
+    """Patches whose lesions touch the patch faces, are empty, or are one voxel."""
+    rng = np.random.default_rng(3)
+    x = np.zeros((5, 4, p, p, p), np.float32)
+    x[:, 0] = rng.normal(0.0, 0.3, (5, p, p, p))
+    x[0, 2, :5, :6, :7] = 1  # in a corner
+    x[1, 2, p - 4:, 10:20, p - 6:] = 1  # on three far faces, with a neighbour
+    x[1, 3, p - 10:p - 5, 10:20, 20:] = 1
+    x[2, 2, 5, 6, 7] = 1  # one voxel
+    x[3, 2] = rng.random((p, p, p)) > 0.6  # scattered
+    x[3, 3] = (rng.random((p, p, p)) > 0.8) & (x[3, 2] == 0)
+    # x[4]: no lesion at all
+    return x
+
+
+@pytest.mark.parametrize("p", [32, 20, 64])
+@pytest.mark.parametrize("others", [3, None])
+def test_shell_features_match_the_module(p, others):
+    x, _ = make_synthetic_patches(12, patch_voxels=p, seed=p)
+    x = np.concatenate([x, _edge_cases(p)])
+    mod = ShellFeatures(qsm_channel=0, lesion_channel=2, others_channel=others)
+    with torch.inference_mode():
+        ref_f, ref_r = mod(torch.from_numpy(x))
+    f, r = _kernels.shell_features(x, qsm_channel=0, lesion_channel=2, others_channel=others,
+                                   clip=mod.clip, positive=mod.positive)
+    assert f.dtype == np.float32 and f.shape == tuple(ref_f.shape)
+    np.testing.assert_allclose(f, ref_f.numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(r, ref_r.numpy(), rtol=0, atol=2e-6)
+    assert np.all(f[-1] == 0) and r[-1] == 0  # no lesion: every feature 0
+    assert np.abs(f).max() > 0.1  # the comparison is not vacuous
