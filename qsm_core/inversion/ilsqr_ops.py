@@ -100,12 +100,7 @@ class WeightedDipoleOp(LinearOperator):
         w = np.asarray(weight[grid.box], np.float64)
         w = np.where(w * w > 1e-30, w, 0.0)  # (weights this small are zero in float32)
         self.weight = bk.asarray(w.astype(np.float32))
-        # The fused residual runs on the box widened to whole rows along the last axis
-        # (weights zero in the widening), so its arrays are contiguous within each plane.
-        self.rows = grid.box[:2] + (slice(0, grid.shape[2]),)
-        w_sq = np.zeros(w.shape[:2] + (grid.shape[2],), np.float32)
-        w_sq[:, :, grid.box[2]] = w * w
-        self.w_sq = bk.asarray(w_sq)
+        self.w_sq = bk.asarray((w * w).astype(np.float32))  # (1 / W^2 formed on the fly)
         # Data vectors u are stored pre-weighted, as W u in the box of this zero-padded
         # array (the adjoint's FFT input): the LSQR update becomes W^2 img - c (W u) and
         # the norm sum (W u)^2 / W^2, so u needs neither an array nor a copy of its own.
@@ -199,7 +194,7 @@ class WeightedDipoleOp(LinearOperator):
         """``A v - alpha u`` in one sweep, as ``W (A v - alpha u)`` in the pad (returned)."""
         img = self._image(v)
         self._load_pad(u)
-        sq = self.backend.weighted_residual(img[self.rows], self.w_sq, self.pad[self.rows],
+        sq = self.backend.weighted_residual(img[self.box], self.w_sq, self.pad[self.box],
                                             alpha)
         self._unorm = (self.pad, math.sqrt(max(sq, 0.0)))
         self._pad_of = None
