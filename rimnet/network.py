@@ -261,10 +261,12 @@ class FoldEnsemble(nn.Module):
         Temperature (> 0) fitted on out-of-fold logits.
     offset : float
         Logit offset (prior correction for class-weighted training).
+    prior_shift : float
+        Logit shift after the temperature (training to deployment prevalence).
     """
 
     def __init__(self, nets: Sequence[nn.Module], *, temperature: float = 1.0,
-                 offset: float = 0.0):
+                 offset: float = 0.0, prior_shift: float = 0.0):
         super().__init__()
         if not nets:
             raise InputError("a fold ensemble needs at least one network")
@@ -273,13 +275,14 @@ class FoldEnsemble(nn.Module):
         self.nets = nn.ModuleList(nets)
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.register_buffer("offset", torch.tensor(float(offset)))
+        self.register_buffer("prior_shift", torch.tensor(float(prior_shift)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated rim logits, shape (N, 1)."""
         sh = shared_shell_features(self.nets, x)
         logits = torch.stack([net(x, sh)[:, 0] if sh is not None else net(x)[:, 0]
                               for net in self.nets], dim=0).mean(dim=0)
-        return ((logits + self.offset) / self.temperature)[:, None]
+        return ((logits + self.offset) / self.temperature + self.prior_shift)[:, None]
 
 
 def shared_shell_features(nets: Sequence[nn.Module], x: torch.Tensor):
@@ -302,12 +305,12 @@ def shared_shell_features(nets: Sequence[nn.Module], x: torch.Tensor):
 
 
 def build_ensemble(*, n_folds: int, temperature: float = 1.0, offset: float = 0.0,
-                   **network_kwargs) -> FoldEnsemble:
+                   prior_shift: float = 0.0, **network_kwargs) -> FoldEnsemble:
     """A :class:`FoldEnsemble` of ``n_folds`` networks from :func:`build_network`."""
     if n_folds < 1:
         raise InputError(f"n_folds must be >= 1, got {n_folds}")
     return FoldEnsemble([build_network(**network_kwargs) for _ in range(n_folds)],
-                        temperature=temperature, offset=offset)
+                        temperature=temperature, offset=offset, prior_shift=prior_shift)
 
 
 def count_parameters(net: nn.Module) -> int:

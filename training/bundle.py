@@ -37,7 +37,8 @@ def bundle_network_kwargs(model: RimCNN) -> dict:
     kw = network_kwargs_from_config(model.config)
     kw["channels"] = list(kw["channels"])
     return {"n_folds": len(model.networks), "temperature": model.temperature,
-            "offset": model.offset, "spatial_dims": 3, **kw}
+            "offset": model.offset, "prior_shift": model.prior_shift, "spatial_dims": 3,
+            **kw}
 
 
 def export_bundle(model_dir, bundle_dir, *, overwrite: bool = True) -> Path:
@@ -67,7 +68,8 @@ def export_bundle(model_dir, bundle_dir, *, overwrite: bool = True) -> Path:
     bundle_dir = Path(bundle_dir)
     if (bundle_dir / "configs" / "metadata.json").exists() and not overwrite:
         raise InputError(f"{bundle_dir}: a bundle exists already; choose another folder")
-    ens = FoldEnsemble(model.networks, temperature=model.temperature, offset=model.offset)
+    ens = FoldEnsemble(model.networks, temperature=model.temperature, offset=model.offset,
+                       prior_shift=model.prior_shift)
     state = {k: v.detach().cpu() for k, v in ens.state_dict().items()}
     with atomic_path(bundle_dir / "models" / "model.pt") as tmp:
         torch.save(state, tmp)

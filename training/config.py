@@ -79,6 +79,12 @@ class TrainConfig:
         inference (``none`` for speed; ``flip``, ``d4``, ``d4z`` cost 4, 8, 16 passes).
     threshold_rule : str
         Rule for the decision threshold (:func:`training.calibration.choose_threshold`).
+    deploy_prevalence : float or None
+        Share of rims among the lesions the model is meant to score. Calibrated
+        probabilities are moved from the training cohort's share to this one
+        (:func:`training.calibration.prior_shift`) and the threshold is chosen for it;
+        ``None`` keeps the training cohort's share. Default 0.11, the middle of the
+        10-12 % of general MS cohorts (the seed study: 0.54).
     seed : int
         Seed of splits, initialisation, sampling and augmentation.
     num_workers : int
@@ -122,6 +128,7 @@ class TrainConfig:
     slice_blur_prob: float = 0.25
     tta: str = "none"
     threshold_rule: str = "kappa"
+    deploy_prevalence: float | None = 0.11
     seed: int = 0
     num_workers: int = 0
     threads: int = 0
@@ -148,6 +155,8 @@ class TrainConfig:
             bad("imbalance", "must be pos_weight, sampler or none")
         if self.threshold_rule not in ("kappa", "youden", "f1", "half"):
             bad("threshold_rule", "must be kappa, youden, f1 or half")
+        if self.deploy_prevalence is not None and not 0.0 < self.deploy_prevalence < 1.0:
+            bad("deploy_prevalence", "must be a fraction in (0, 1) or None")
         if self.n_folds < 2:
             bad("n_folds", "must be >= 2")
         for name in ("epochs", "batch_size", "patch_voxels"):

@@ -25,6 +25,9 @@ probability (`cnn_prob`) and a call (`cnn_call`, probability >= {threshold:.3f})
 - Ensemble of {n_folds} fold networks (patient-grouped cross-validation), test-time augmentation
   `{tta}` (flips/rotations about B0), temperature scaling (T = {temperature:.3f}, offset
   {offset:+.3f}) fitted on out-of-fold logits.
+- Probabilities are for a cohort with {prevalence} of lesions with rims (the training
+  data had {train_prevalence}; logit shift {shift:+.3f}); the call threshold is chosen for
+  that cohort. Retrain with `--deploy-prevalence` for a cohort with a different share.
 
 ## Training data
 - Label column `{label_column}`; {n_lesions} lesions ({n_positive} rims) from
@@ -42,7 +45,7 @@ probability (`cnn_prob`) and a call (`cnn_call`, probability >= {threshold:.3f})
 | mean fold PR AUC | {mpr} |
 | NLL before / after temperature scaling | {nll0} / {nll1} |
 | sensitivity / specificity at threshold | {sens} / {spec} |
-| Cohen's kappa of calls vs labels | {kappa} |
+| Cohen's kappa of calls vs labels (training cohort's share of rims) | {kappa} |
 
 Per fold:
 {fold_rows}
@@ -87,6 +90,10 @@ def render_model_card(*, config, metrics: dict, fingerprint: dict, calibration: 
                 if config.shell_features else "image features only"),
         n_folds=len(metrics["folds"]), tta=config.tta, temperature=calibration["temperature"],
         offset=calibration["offset"], label_column=config.label_column,
+        prevalence=_share(calibration.get("deploy_prevalence")
+                          or calibration.get("train_prevalence")),
+        train_prevalence=_share(calibration.get("train_prevalence")),
+        shift=float(calibration.get("prior_shift", 0.0)),
         n_lesions=fingerprint.get("n_lesions"), n_positive=fingerprint.get("n_positive"),
         n_participants=fingerprint.get("n_participants"),
         table_sha=fingerprint.get("table_sha256", "")[:16],
@@ -97,6 +104,10 @@ def render_model_card(*, config, metrics: dict, fingerprint: dict, calibration: 
         sens=_fmt(pooled["sensitivity"]), spec=_fmt(pooled["specificity"]),
         kappa=_fmt(pooled["kappa"]), fold_rows="\n".join(rows),
         command=command or "(command not recorded)")
+
+
+def _share(value) -> str:
+    return "an unrecorded share" if value is None else f"{100 * float(value):.0f} %"
 
 
 def write_model_card(model_dir, *, config, metrics: dict, fingerprint: dict,

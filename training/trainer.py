@@ -17,7 +17,7 @@ scaling, chooses the decision threshold, and writes (rank 0 only; layout as nnU-
       fold_K/progress.png    losses and validation AUCs per epoch
       fold_K/val_predictions.tsv  the fold's out-of-fold logits
       val_predictions.tsv    all out-of-fold predictions (logit, calibrated probability, call)
-      temperature.json       temperature, prior offset, decision threshold
+      temperature.json       temperature, prior offset and shift, decision threshold
       metrics.json           ROC AUC and PR AUC per fold and pooled, NLL before/after scaling
       model_card.md          data, metrics, limits
 
@@ -586,15 +586,22 @@ def _finalise(out_dir: Path, table, labels, *, config: TrainConfig, pos_weight: 
         temperature = calibration.fit_temperature(oof["logit"], y, offset=offset)
     except NotEstimableError as exc:
         raise InputError(f"cannot calibrate: {exc}") from None
+    train_prev = float(y.mean())
+    deploy = config.deploy_prevalence
+    shift = calibration.prior_shift(train_prev, deploy) if deploy is not None else 0.0
+    weights = calibration.prevalence_weights(y, deploy) if deploy is not None else None
     oof["prob"] = calibration.apply_temperature(oof["logit"], temperature=temperature,
-                                                offset=offset)
-    threshold = calibration.choose_threshold(oof["prob"], y, rule=config.threshold_rule)
+                                                offset=offset, shift=shift)
+    threshold = calibration.choose_threshold(oof["prob"], y, rule=config.threshold_rule,
+                                             weights=weights)
     oof["call"] = (oof["prob"] >= threshold).astype(int)
     with atomic_path(out_dir / "val_predictions.tsv") as tmp:
         oof.to_csv(tmp, sep="\t", index=False, float_format="%.6g", na_rep="n/a")
     write_json(out_dir / "temperature.json",
-               {"temperature": temperature, "offset": offset, "threshold": threshold,
-                "threshold_rule": config.threshold_rule, "pos_weight": pos_weight,
+               {"temperature": temperature, "offset": offset, "prior_shift": shift,
+                "threshold": threshold, "threshold_rule": config.threshold_rule,
+                "pos_weight": pos_weight, "train_prevalence": train_prev,
+                "deploy_prevalence": deploy,
                 "fitted_on": "out-of-fold logits (val_predictions.tsv)"})
     metrics = cv_metrics(oof, temperature=temperature, offset=offset, threshold=threshold)
     metrics["best_epochs"] = []

@@ -34,7 +34,7 @@ _OVERRIDES = {  # CLI option -> TrainConfig field
     "arch": "arch", "batch_size": "batch_size", "lr": "lr", "tta": "tta",
     "threads": "threads", "patience": "patience", "label_column": "label_column",
     "patch_mm": "patch_mm", "patch_voxels": "patch_voxels", "n_types": "n_types",
-    "shell_features": "shell_features",
+    "shell_features": "shell_features", "deploy_prevalence": "deploy_prevalence",
     "type_column": "type_column", "imbalance": "imbalance", "num_workers": "num_workers",
 }
 
@@ -81,6 +81,10 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "train") -> None:
                      "fused into the head)")
     cfg.add_argument("--n-types", type=int, help="outputs of the lesion-type head (0: none)")
     cfg.add_argument("--type-column", help="table column with the lesion type")
+    cfg.add_argument("--deploy-prevalence", type=float, metavar="FRACTION",
+                     help="share of rim lesions in the cohorts the model will score; "
+                          "probabilities and the call threshold are set for it "
+                          "(default 0.11, general MS cohorts)")
     cfg.add_argument("--seed", type=int, help="random seed (default 0)")
     cfg.add_argument("--device", help="cpu (default), cuda, cuda:N")
     cfg.add_argument("--threads", type=int, help="torch threads per process (0: default)")

@@ -7,7 +7,9 @@ from training.calibration import (
     binary_nll,
     choose_threshold,
     fit_temperature,
+    prevalence_weights,
     prior_offset,
+    prior_shift,
 )
 
 
@@ -71,3 +73,55 @@ def test_choose_threshold_separable_and_kappa():
         assert 0.3 < t <= 0.6
         assert np.array_equal((p >= t).astype(int), y)
     assert choose_threshold(p, y, rule="half") == 0.5
+
+
+def test_prior_shift_makes_probabilities_right_for_another_prevalence(rng):
+    # score s ~ N(+1, 1) for rims, N(-1, 1) otherwise: the true posterior logit at rim share
+    # pi is 2 s + logit(pi), so a model calibrated at 0.3 needs logit(0.1) - logit(0.3)
+    # to be calibrated at 0.1
+    n = 200_000
+    y = (rng.random(n) < 0.1).astype(int)
+    s = rng.normal(np.where(y == 1, 1.0, -1.0), 1.0)
+    z_train = 2 * s + np.log(0.3 / 0.7)
+    shift = prior_shift(0.3, 0.1)
+    assert shift == pytest.approx(np.log(0.1 / 0.9) - np.log(0.3 / 0.7))
+    p = apply_temperature(z_train, temperature=1.0, shift=shift)
+    assert p.mean() == pytest.approx(0.1, abs=0.003)
+    assert binary_nll(z_train + shift, y) < binary_nll(z_train, y) - 0.02
+    assert prior_shift(0.25, 0.25) == 0.0
+    with pytest.raises(InputError, match="target_prevalence"):
+        prior_shift(0.3, 1.0)
+
+
+def test_prevalence_weights_and_weighted_threshold_equal_duplicated_rows(rng):
+    y = np.array([1] * 30 + [0] * 70)
+    w = prevalence_weights(y, 0.1)
+    assert w.sum() == pytest.approx(100.0)
+    assert w[y == 1].sum() / w.sum() == pytest.approx(0.1)
+    # integer weights count like duplicated lesions
+    p = rng.random(100)
+    y2 = (rng.random(100) < p).astype(int)
+    weights = np.where(y2 == 1, 3.0, 1.0)
+    rep = np.repeat(np.arange(100), weights.astype(int))
+    for rule in ("kappa", "youden", "f1"):
+        assert choose_threshold(p, y2, rule=rule, weights=weights) == pytest.approx(
+            choose_threshold(p[rep], y2[rep], rule=rule))
+    with pytest.raises(NotEstimableError):
+        prevalence_weights([1, 1], 0.1)
+    with pytest.raises(InputError, match="weights"):
+        choose_threshold(p, y2, weights=-weights)
+
+
+def test_fewer_rims_raise_the_kappa_threshold(rng):
+    n = 20_000
+    y = (rng.random(n) < 0.3).astype(int)
+    s = rng.normal(np.where(y == 1, 1.5, -1.5), 1.0)
+    p = apply_temperature(3 * s + np.log(0.3 / 0.7), temperature=1.0)
+    t_train = choose_threshold(p, y)
+    shift = prior_shift(0.3, 0.1)
+    p_low = apply_temperature(3 * s + np.log(0.3 / 0.7), temperature=1.0, shift=shift)
+    t_low = choose_threshold(p_low, y, weights=prevalence_weights(y, 0.1))
+    # in score terms the call needs more evidence when rims are rarer
+    s_train = s[p >= t_train].min()
+    s_low = s[p_low >= t_low].min()
+    assert s_low > s_train

@@ -73,12 +73,19 @@ def test_train_writes_model_dir_and_resumes(tmp_path, data):
     calib = json.loads((out / "temperature.json").read_text())
     assert metrics["pooled"]["nll_calibrated"] <= metrics["pooled"]["nll_uncalibrated"] + 1e-9
     assert calib["temperature"] > 0 and 0 < calib["threshold"] < 1
-    # the trained model reproduces its out-of-fold probabilities fold by fold
+    # probabilities are moved from the training share of rims to the deployment share
+    share = t.label.mean()
+    assert calib["train_prevalence"] == pytest.approx(share)
+    assert calib["deploy_prevalence"] == cfg.deploy_prevalence == 0.11
+    assert calib["prior_shift"] == pytest.approx(np.log(0.11 / 0.89) - np.log(share / (1 - share)))
+    # the trained model reproduces its out-of-fold logits and probabilities fold by fold
     for k in (0, 1):
         sub = oof[oof.fold == k]
         idx = t.reset_index().set_index("lesion_id").loc[sub.lesion_id, "index"].to_numpy()
         m_k = RimCNN.load(out, folds=[k])
         np.testing.assert_allclose(m_k.raw_logits(x[idx]), sub.logit, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(m_k.predict_proba(x[idx])[:, 1], sub.prob, rtol=1e-3,
+                                   atol=1e-4)
     # an existing model is not overwritten silently
     with pytest.raises(InputError, match="--resume"):
         train_model(x, t, config=cfg, out_dir=out)
