@@ -121,3 +121,24 @@ def test_unsupported_network_falls_back_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="rimnet.fast_ensemble"):
         assert checked_stacked_ensemble(nets, _patches(2, p=8)) is None
     assert "per-network loop" in caplog.text
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("shells", [False, True])
+def test_grouped_ensemble_matches_each_network(arch, shells):
+    from rimnet.fast_ensemble import GroupedEnsemble
+
+    kw = {"shell_channels": {"qsm": 0, "lesion": 2, "others": 3}} if shells else {}
+    nets = _nets(3, arch=arch, **kw)
+    x = _patches(5)
+    with torch.inference_mode():
+        sh = shared_shell_features(nets, x)
+        args = (x,) if sh is None else (x, sh)
+        ref = torch.stack([net(*args) for net in nets])
+        fast = GroupedEnsemble(nets, batch_size=2)  # chunks of 2, 2 and 1 patches
+        fsh = fast.shell_features(x)
+        assert (fsh is None) == (sh is None)
+        got = fast(*((x,) if fsh is None else (x, fsh)))
+        assert checked_stacked_ensemble(nets, x).__class__ is GroupedEnsemble
+    assert got.shape == ref.shape == (3, 5, 1)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
