@@ -55,6 +55,7 @@ _OPTS = dict(parallel=True, cache=True, nogil=True, fastmath={"reassoc"}, error_
 _f32 = numba.float32
 _f64 = numba.float64
 _i64 = numba.int64
+_spans = numba.int32[:, :, ::1]  # (X, Y, 2) per-row [k0, k1)
 _flat = _f32[::1]  # contiguous 1D float32
 _cvol = _f32[:, :, ::1]  # 3D float32, C-contiguous
 
@@ -205,11 +206,12 @@ def _residual_row(img, w_sq, out, c32):
 _residual_row = numba.njit(cache=True, fastmath={"reassoc"})(_residual_row)
 
 
-@numba.njit(_f64(_flat, _i64, _i64, _cvol, _flat, _i64, _i64, _f64, _i64), **_OPTS)
-def weighted_residual(img, img_s0, img_s1, w_sq, out, out_s0, out_s1, c, parts):
+@numba.njit(_f64(_flat, _i64, _i64, _cvol, _flat, _i64, _i64, _f64, _spans, _i64), **_OPTS)
+def weighted_residual(img, img_s0, img_s1, w_sq, out, out_s0, out_s1, c, spans, parts):
     """``out = w_sq * img - c * out`` in place; returns ``sum out^2 / w_sq`` (``w_sq > 0``).
 
-    The inverse weight is formed on the fly (one array fewer to read).
+    The inverse weight is formed on the fly (one array fewer to read). Only the row
+    segments in ``spans`` are touched.
 
     Parameters
     ----------
@@ -224,6 +226,9 @@ def weighted_residual(img, img_s0, img_s1, w_sq, out, out_s0, out_s1, c, parts):
         Like ``img`` (with strides ``out_s0``, ``out_s1``); updated in place.
     out_s0, out_s1 : int
     c : float
+    spans : ndarray, shape (X, Y, 2), int32, C-contiguous
+        Per row ``[i, j]`` the segment ``[k0, k1)`` to process (``backend.row_spans`` of
+        ``w_sq > 0``: outside it ``w_sq = 0``, and an ``out`` that is 0 there stays 0).
     parts : int
         Parallel chunks along axis 0.
 
@@ -231,7 +236,7 @@ def weighted_residual(img, img_s0, img_s1, w_sq, out, out_s0, out_s1, c, parts):
     -------
     float
     """
-    nx, ny, nz = w_sq.shape
+    nx, ny = w_sq.shape[0], w_sq.shape[1]
     c32 = np.float32(c)
     acc = np.zeros(parts)
     for t in prange(parts):
@@ -239,8 +244,11 @@ def weighted_residual(img, img_s0, img_s1, w_sq, out, out_s0, out_s1, c, parts):
         s = 0.0
         for i in range(lo, hi):
             for j in range(ny):
-                bi, bo = i * img_s0 + j * img_s1, i * out_s0 + j * out_s1
-                s += _residual_row(img[bi: bi + nz], w_sq[i, j], out[bo: bo + nz], c32)
+                k0, k1 = spans[i, j, 0], spans[i, j, 1]
+                if k1 > k0:
+                    bi, bo = i * img_s0 + j * img_s1, i * out_s0 + j * out_s1
+                    s += _residual_row(img[bi + k0: bi + k1], w_sq[i, j, k0:k1],
+                                       out[bo + k0: bo + k1], c32)
         acc[t] = s
     return acc.sum()
 
@@ -398,29 +406,35 @@ def _update_row(img, z, c32):
 _update_row = numba.njit(cache=True)(_update_row)
 
 
-def _update_plane(img, s0, s1, z, c32, p):
-    """``z[p] = img[p] - c z[p]`` in place (``img`` as a flat span with strides)."""
-    ny, nz = z.shape[1], z.shape[2]
-    for j in range(ny):
-        b = p * s0 + j * s1
-        _update_row(img[b: b + nz], z[p, j], c32)
+def _update_plane(img, s0, s1, z, c32, spans, p):
+    """``z[p] = img[p] - c z[p]`` in place on the row spans (``img`` as a flat span)."""
+    for j in range(z.shape[1]):
+        k0, k1 = spans[p, j, 0], spans[p, j, 1]
+        if k1 > k0:
+            b = p * s0 + j * s1
+            _update_row(img[b + k0: b + k1], z[p, j, k0:k1], c32)
 
 
 _update_plane = numba.njit(cache=True)(_update_plane)
 
 
-def _stencil_plane(z, a0, a1, a2, out, s0, s1, p):
-    """``out[p] = (L z)[p]``; returns ``<z[p], out[p]>`` (float64)."""
-    nx, ny, nz = z.shape
+def _stencil_plane(z, a0, a1, a2, out, s0, s1, spans, p):
+    """``out[p] = (L z)[p]`` on the row spans; returns ``<z[p], out[p]>`` (float64)."""
+    nx, ny = z.shape[0], z.shape[1]
     pm, pp = max(p - 1, 0), min(p + 1, nx - 1)
     s = 0.0
     for j in range(ny):
+        k0, k1 = spans[p, j, 0], spans[p, j, 1]
+        if k1 <= k0:
+            continue
         jm, jp = max(j - 1, 0), min(j + 1, ny - 1)
         b = p * s0 + j * s1
-        row = out[b: b + nz]
-        _stencil_row(z[p, j], z[pm, j], z[pp, j], z[p, jm], z[p, jp], a0[pm, j], a0[p, j],
-                     a1[p, jm], a1[p, j], a2[p, j], row)
-        s += _dot_serial(z[p, j], row)
+        row = out[b + k0: b + k1]
+        zc = z[p, j, k0:k1]
+        _stencil_row(zc, z[pm, j, k0:k1], z[pp, j, k0:k1], z[p, jm, k0:k1], z[p, jp, k0:k1],
+                     a0[pm, j, k0:k1], a0[p, j, k0:k1], a1[p, jm, k0:k1], a1[p, j, k0:k1],
+                     a2[p, j, k0:k1], row)
+        s += _dot_serial(zc, row)
     return s
 
 
@@ -428,13 +442,17 @@ _stencil_plane = numba.njit(cache=True)(_stencil_plane)
 
 
 @numba.njit(_f64(_flat, _i64, _i64, _cvol, _f64, numba.boolean, _f32[:, :, :, ::1], _flat,
-                 _i64, _i64, _i64), **_OPTS)
-def gradient_residual(img, img_s0, img_s1, z, c, update, a_sq, out, out_s0, out_s1, parts):
+                 _i64, _i64, _spans, _i64), **_OPTS)
+def gradient_residual(img, img_s0, img_s1, z, c, update, a_sq, out, out_s0, out_s1, spans,
+                      parts):
     """``z = img - c z`` (in place, if ``update``), ``out = L z``; returns ``<z, L z>``.
 
     ``L z = sum_j D_j^T (a_j D_j z)`` with ``D_j`` the forward difference along axis ``j``
     (``D_j z[i] = z[i + e_j] - z[i]``, zero across the last plane; ``D_j^T t[i] =
-    t[i - e_j] - t[i]``), computed per voxel from its 7-point neighbourhood.
+    t[i - e_j] - t[i]``), computed per voxel from its 7-point neighbourhood. Only the row
+    segments in ``spans`` are touched: given the ``backend.row_spans`` of the support of
+    the weights (voxels with a nonzero weight on one of their six differences), ``z``
+    outside it never reaches ``L z`` (its weights are zero) and ``L z`` is zero there.
 
     One pass: axis 0 is cut into ``parts`` chunks; the first and last plane of every chunk
     are updated first (a chunk's stencil reads its neighbours' boundary planes), then each
@@ -458,6 +476,8 @@ def gradient_residual(img, img_s0, img_s1, z, c, update, a_sq, out, out_s0, out_
     out : ndarray, shape (S',), float32, contiguous
         The (X, Y, Z) output as a flat span like ``img`` (strides ``out_s0``, ``out_s1``).
     out_s0, out_s1 : int
+    spans : ndarray, shape (X, Y, 2), int32, C-contiguous
+        Per row ``[i, j]`` the segment ``[k0, k1)`` to process.
     parts : int
         Chunks along axis 0 (the result does not depend on the thread count).
 
@@ -473,17 +493,17 @@ def gradient_residual(img, img_s0, img_s1, z, c, update, a_sq, out, out_s0, out_
         for t in prange(parts):
             lo, hi = _chunk(nx, parts, t)
             if hi > lo:
-                _update_plane(img, img_s0, img_s1, z, c32, lo)
+                _update_plane(img, img_s0, img_s1, z, c32, spans, lo)
             if hi - 1 > lo:
-                _update_plane(img, img_s0, img_s1, z, c32, hi - 1)
+                _update_plane(img, img_s0, img_s1, z, c32, spans, hi - 1)
     acc = np.zeros(parts)
     for t in prange(parts):
         lo, hi = _chunk(nx, parts, t)
         s = 0.0
         for p in range(lo, hi):
             if update and lo < p + 1 < hi - 1:
-                _update_plane(img, img_s0, img_s1, z, c32, p + 1)
-            s += _stencil_plane(z, a0, a1, a2, out, out_s0, out_s1, p)
+                _update_plane(img, img_s0, img_s1, z, c32, spans, p + 1)
+            s += _stencil_plane(z, a0, a1, a2, out, out_s0, out_s1, spans, p)
         acc[t] = s
     return acc.sum()
 

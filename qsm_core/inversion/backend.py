@@ -27,7 +27,7 @@ import scipy.fft
 
 from qsm_core.errors import InputError
 
-__all__ = ["get_backend", "NumpyBackend", "TorchBackend", "DEVICES"]
+__all__ = ["get_backend", "row_spans", "NumpyBackend", "TorchBackend", "DEVICES"]
 
 DEVICES = ("cpu", "torch-cpu", "cuda")
 
@@ -42,6 +42,34 @@ def _kernels():
 
         _KERNELS = _kernels
     return _KERNELS
+
+
+def row_spans(support: np.ndarray) -> np.ndarray:
+    """Per row of a 3D boolean array, the smallest segment ``[k0, k1)`` holding its Trues.
+
+    Parameters
+    ----------
+    support : ndarray of bool, shape (X, Y, Z)
+
+    Returns
+    -------
+    ndarray, shape (X, Y, 2), int32
+        ``[k0, k1)`` per row; ``[0, 0)`` for a row without a True.
+    """
+    support = np.asarray(support, bool)
+    nz = support.shape[2]
+    any_ = support.any(axis=2)
+    k0 = np.argmax(support, axis=2)
+    k1 = nz - np.argmax(support[:, :, ::-1], axis=2)
+    spans = np.stack([np.where(any_, k0, 0), np.where(any_, k1, 0)], axis=-1)
+    return np.ascontiguousarray(spans, dtype=np.int32)
+
+
+def _full_spans(shape) -> np.ndarray:
+    """Spans covering whole rows of an array of ``shape`` (X, Y, Z): ``[0, Z)``."""
+    spans = np.zeros(tuple(shape[:2]) + (2,), np.int32)
+    spans[:, :, 1] = shape[2]
+    return spans
 
 
 def _cpu_count() -> int:
@@ -234,7 +262,7 @@ class NumpyBackend:
                       int(hi))
         return x
 
-    def weighted_residual(self, img, w_sq, out, c: float) -> float:
+    def weighted_residual(self, img, w_sq, out, c: float, spans=None) -> float:
         """``out = w_sq * img - c out`` (in place); returns ``sum out^2 / w_sq`` (w_sq > 0).
 
         With ``out = W u`` (a data vector stored pre-weighted, in the box of the adjoint's
@@ -249,12 +277,16 @@ class NumpyBackend:
         out : ndarray, shape (X, Y, Z), float32
             May be a view with contiguous rows.
         c : float
+        spans : ndarray, shape (X, Y, 2), int32, optional
+            :func:`row_spans` of ``w_sq > 0``: only these row segments are swept (``out``
+            must be 0 outside them, where it stays 0). Default: whole rows.
         """
         if w_sq.size == 0:
             return 0.0
         k = _kernels()
+        spans = _full_spans(w_sq.shape) if spans is None else spans
         return float(self._run("weighted_residual", *k.row_span(img), w_sq, *k.row_span(out),
-                               float(c), self.threads))
+                               float(c), spans, self.threads))
 
     def spectrum_update(self, s, v, c: float, k_sq):
         """``s = k_sq * s - c v`` (in place) on half spectra, and ``sum |s|^2 / k_sq``.
@@ -297,7 +329,7 @@ class NumpyBackend:
                        float(c), self.real_view(out), self.threads)
         return out, float(sq)
 
-    def gradient_residual(self, img, z, c: float, a_sq, out) -> float:
+    def gradient_residual(self, img, z, c: float, a_sq, out, spans=None) -> float:
         """Weighted gradient normal operator of a residual image, in one sweep.
 
         ``z = img - c z`` (in place) and ``out = sum_j D_j^T (a_j D_j z)`` with ``D_j`` the
@@ -317,12 +349,18 @@ class NumpyBackend:
             Squared weights of the three difference components.
         out : ndarray, shape (X, Y, Z), float32
             Output (may be a view with contiguous rows into a padded array).
+        spans : ndarray, shape (X, Y, 2), int32, optional
+            :func:`row_spans` of the weights' support (voxels with a nonzero weight on one
+            of their six differences): only these row segments are swept; ``z`` outside
+            them is left as it is (it never reaches ``L z``) and ``out`` must be 0 there.
+            Default: whole rows.
         """
         if z.size == 0:
             return 0.0
         k = _kernels()
+        spans = _full_spans(z.shape) if spans is None else spans
         return float(self._run("gradient_residual", *k.row_span(img), z, float(c),
-                               img is not z, a_sq, *k.row_span(out), self.threads))
+                               img is not z, a_sq, *k.row_span(out), spans, self.threads))
 
 
 class TorchBackend:
@@ -490,7 +528,7 @@ class TorchBackend:
                 rw.mul_(c).add_(self.real_view(v)[lo:hi])
         return x
 
-    def weighted_residual(self, img, w_sq, out, c: float) -> float:
+    def weighted_residual(self, img, w_sq, out, c: float, spans=None) -> float:
         """``out = w_sq * img - c out`` (in place); returns ``sum out^2 / w_sq`` (w_sq > 0)."""
         out.mul_(-c).addcmul_(w_sq, img)
         return float(self.torch.where(w_sq > 0, out.square() / w_sq, 0.0).sum())
@@ -515,8 +553,11 @@ class TorchBackend:
         rv.mul_(kernel).sub_(self.real_view(v), alpha=c)
         return vals, float(self.torch.dot(rv, rv))
 
-    def gradient_residual(self, img, z, c: float, a_sq, out) -> float:
-        """``z = img - c z`` (in place), ``out = sum_j D_j^T (a_j D_j z)``; ``<z, out>``."""
+    def gradient_residual(self, img, z, c: float, a_sq, out, spans=None) -> float:
+        """``z = img - c z`` (in place), ``out = sum_j D_j^T (a_j D_j z)``; ``<z, out>``.
+
+        (Whole rows: ``spans`` only lets the numpy backend skip zero weights.)
+        """
         if img is not z:
             z.mul_(-c).add_(img)
         y = self.torch.zeros_like(z)

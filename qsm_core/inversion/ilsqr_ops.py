@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from qsm_core.inversion._common import Grid
+from qsm_core.inversion.backend import row_spans
 from qsm_core.inversion.lsqr import LinearOperator
 
 __all__ = ["TimedFFT", "WeightedDipoleOp", "ConeGradientOp"]
@@ -101,6 +102,9 @@ class WeightedDipoleOp(LinearOperator):
         w = np.where(w * w > 1e-30, w, 0.0)  # (weights this small are zero in float32)
         self.weight = bk.asarray(w.astype(np.float32))
         self.w_sq = bk.asarray((w * w).astype(np.float32))  # (1 / W^2 formed on the fly)
+        # The residual sweep skips the ends of the box rows where W = 0 (outside the mask
+        # the stored W u is 0 and stays 0): about half of the box for a head.
+        self.spans = row_spans(w > 0)
         # Data vectors u are stored pre-weighted, as W u in the box of this zero-padded
         # array (the adjoint's FFT input): the LSQR update becomes W^2 img - c (W u) and
         # the norm sum (W u)^2 / W^2, so u needs neither an array nor a copy of its own.
@@ -195,7 +199,7 @@ class WeightedDipoleOp(LinearOperator):
         img = self._image(v)
         self._load_pad(u)
         sq = self.backend.weighted_residual(img[self.box], self.w_sq, self.pad[self.box],
-                                            alpha)
+                                            alpha, self.spans)
         self._unorm = (self.pad, math.sqrt(max(sq, 0.0)))
         self._pad_of = None
         return self.pad
@@ -280,7 +284,17 @@ class ConeGradientOp(LinearOperator):
         self.k_fwd = bk.kernel(scale_full[cone] * pc[cone])
         self.k_adj = bk.kernel(pc[cone] / scale_full[cone])
         box = (slice(None),) + grid.box
-        self.a_sq = bk.asarray(np.square(gweights[box]))
+        a_sq = np.square(gweights[box])
+        self.a_sq = bk.asarray(a_sq)
+        # The stencil sweep skips the ends of the box rows where no difference has weight:
+        # z there never reaches the data vector W_g grad z, and L z is 0 there.
+        support = np.zeros(a_sq.shape[1:], bool)
+        for ax in range(3):
+            nz = a_sq[ax] != 0
+            support |= nz
+            support[(slice(None),) * ax + (slice(1, None),)] |= \
+                nz[(slice(None),) * ax + (slice(None, -1),)]
+        self.spans = row_spans(support)
         self.pad = bk.zeros(grid.shape)
         self.spec_full = bk.zeros_complex(cone.shape)
         self._unorm = (None, 0.0)  # (z, ||W_g grad z||) cached by matvec_update
@@ -303,7 +317,7 @@ class ConeGradientOp(LinearOperator):
 
     def _normal(self, z, out):
         """``out = L z``; returns ``<z, L z>``."""
-        return self.backend.gradient_residual(z, z, 0.0, self.a_sq, out)
+        return self.backend.gradient_residual(z, z, 0.0, self.a_sq, out, self.spans)
 
     # -- norms and inner products ----------------------------------------------------------
     def unorm(self, u):
@@ -339,7 +353,7 @@ class ConeGradientOp(LinearOperator):
         # One sweep: z <- img - alpha z, L z (the adjoint's FFT input), ||u||^2.
         img = self.image(v)
         sq = self.backend.gradient_residual(img[self.box], u, alpha, self.a_sq,
-                                            self.pad[self.box])
+                                            self.pad[self.box], self.spans)
         self._unorm = (u, math.sqrt(max(sq, 0.0)))
         self._pad_of = u
         return u

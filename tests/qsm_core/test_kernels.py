@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from qsm_core.inversion import _kernels as K
+from qsm_core.inversion.backend import _full_spans, row_spans
 
 PARTS = [1, 2, 3, 5]
 
@@ -82,20 +83,39 @@ def _box(shape, rng):
 
 @pytest.mark.parametrize("parts", PARTS)
 @pytest.mark.parametrize("shape", [(5, 3, 7), (1, 1, 1), (4, 6, 2)])
-def test_weighted_residual(rng, parts, shape):
+@pytest.mark.parametrize("spans", ["full", "support"])
+def test_weighted_residual(rng, parts, shape, spans):
     img_full, box = _box(shape, rng)
     out_full, _ = _box(shape, rng)
-    out0 = out_full.copy()
     w = rng.random(shape) * (rng.random(shape) > 0.3)  # zeros as outside a mask
     w_sq = (w * w).astype(np.float32)
+    if spans == "full":
+        sp = _full_spans(shape)
+    else:  # the contract: out is 0 where w_sq is (and stays 0); whole rows of zeros too
+        w_sq[0] = 0
+        out_full[box] *= w_sq > 0
+        sp = row_spans(w_sq > 0)
+    out0 = out_full.copy()
     sq = _run(K.weighted_residual, *K.row_span(img_full[box]), w_sq,
-              *K.row_span(out_full[box]), 0.4, parts)
+              *K.row_span(out_full[box]), 0.4, sp, parts)
     ref = out0.copy()
     ref[box] = w_sq * img_full[box] - out0[box] * np.float32(0.4)
     np.testing.assert_array_equal(out_full, ref)  # the box, and nothing outside it
     r = ref[box].astype(np.float64)
     ref_sq = float((np.where(w_sq > 0, r * r / np.where(w_sq > 0, w_sq, 1), 0)).sum())
     assert sq == pytest.approx(ref_sq, rel=1e-6)
+
+
+def test_row_spans(rng):
+    support = rng.random((4, 3, 9)) > 0.8
+    support[1, 2] = False
+    spans = row_spans(support)
+    assert spans.dtype == np.int32 and spans.shape == (4, 3, 2)
+    for i in range(4):
+        for j in range(3):
+            k = np.flatnonzero(support[i, j])
+            want = (k[0], k[-1] + 1) if k.size else (0, 0)
+            assert tuple(spans[i, j]) == want
 
 
 @pytest.mark.parametrize("parts", PARTS)
@@ -148,6 +168,16 @@ def _reference_normal(z, a_sq):
     return y
 
 
+def _support(a_sq):
+    """Voxels with a nonzero weight on one of their six differences."""
+    sup = np.zeros(a_sq.shape[1:], bool)
+    for ax in range(3):
+        nz = a_sq[ax] != 0
+        sup |= nz
+        sup[(slice(None),) * ax + (slice(1, None),)] |= nz[(slice(None),) * ax + (slice(None, -1),)]
+    return sup
+
+
 @pytest.mark.parametrize("parts", PARTS)
 @pytest.mark.parametrize("shape", [(7, 5, 6), (2, 3, 1), (9, 1, 4), (1, 4, 5)])
 def test_gradient_residual(rng, parts, shape):
@@ -157,7 +187,7 @@ def test_gradient_residual(rng, parts, shape):
     z0 = _f32(rng, shape)
     z = z0.copy()
     sq = _run(K.gradient_residual, *K.row_span(img_full[box]), z, 0.8, True, a_sq,
-              *K.row_span(out_full[box]), parts)
+              *K.row_span(out_full[box]), _full_spans(shape), parts)
     np.testing.assert_array_equal(z, img_full[box] - z0 * np.float32(0.8))
     ref_y = _reference_normal(z.astype(np.float64), a_sq.astype(np.float64))
     ref = np.zeros(img_full.shape)
@@ -168,10 +198,35 @@ def test_gradient_residual(rng, parts, shape):
     out2 = np.zeros_like(img_full)
     z_before = z.copy()
     sq2 = _run(K.gradient_residual, *K.row_span(z), z, 0.0, False, a_sq,
-               *K.row_span(out2[box]), parts)
+               *K.row_span(out2[box]), _full_spans(shape), parts)
     np.testing.assert_array_equal(z, z_before)
     np.testing.assert_array_equal(out2, out_full)
     assert sq2 == pytest.approx(sq, rel=1e-12)
+
+
+@pytest.mark.parametrize("parts", PARTS)
+def test_gradient_residual_on_the_support_spans(rng, parts):
+    """Weights zero outside a ball (as outside a mask): the sweep on the support's row
+    spans gives the whole-row result on the support, L z = 0 elsewhere."""
+    shape = (9, 8, 11)
+    img_full, box = _box(shape, rng)
+    x, y, zz = np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij")
+    ball = x * x + y * y + zz * zz < 12
+    a_sq = (rng.random((3,) + shape) * ball).astype(np.float32)
+    sup = _support(a_sq)
+    assert 0 < sup.sum() < sup.size
+    z0 = _f32(rng, shape)
+    outs, zs, sqs = [], [], []
+    for sp in (_full_spans(shape), row_spans(sup)):
+        z, out_full = z0.copy(), np.zeros_like(img_full)
+        sqs.append(_run(K.gradient_residual, *K.row_span(img_full[box]), z, 0.8, True, a_sq,
+                        *K.row_span(out_full[box]), sp, parts))
+        outs.append(out_full)
+        zs.append(z)
+    np.testing.assert_array_equal(outs[1], outs[0])
+    np.testing.assert_array_equal(zs[1][sup], zs[0][sup])
+    assert sqs[1] == pytest.approx(sqs[0], rel=1e-12)
+    assert not outs[0][box][~sup].any()
 
 
 def test_row_span_rejects_non_contiguous_rows(rng):
