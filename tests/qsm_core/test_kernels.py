@@ -242,3 +242,37 @@ def test_wrong_layout_is_a_type_error(rng):
     z = _f32(rng, (4, 5, 6))
     with pytest.raises(TypeError):
         _run(K.dot, z[:, :, ::2].reshape(-1)[::2], z.reshape(-1)[:30], 1)
+
+
+def _child_dot(_):
+    from qsm_core.inversion.backend import NumpyBackend
+
+    a = np.arange(1000, dtype=np.float32)
+    return NumpyBackend().dot(a, a)
+
+
+def test_threads_and_forked_children_can_launch_kernels():
+    """The workqueue layer is not thread-safe (launches are serialised by a lock) and the
+    simulator forks workers after the parent may have used the kernels."""
+    import multiprocessing as mp
+    import threading
+
+    from qsm_core.inversion.backend import NumpyBackend
+
+    bk = NumpyBackend()
+    a = np.arange(1000, dtype=np.float32)
+    want = float((a.astype(np.float64) ** 2).sum())
+    assert bk.dot(a, a) == want
+    got = []
+
+    def work():
+        got.extend(bk.dot(a, a) for _ in range(50))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [want] * 200
+    with mp.get_context("fork").Pool(2) as pool:
+        assert pool.map(_child_dot, range(2)) == [want] * 2
