@@ -51,6 +51,10 @@ LOCK = threading.Lock()
 """Serialises kernel launches (the ``workqueue`` layer is not thread-safe)."""
 
 _OPTS = dict(parallel=True, cache=True, nogil=True, fastmath={"reassoc"}, error_model="numpy")
+_SERIAL = dict(cache=True, fastmath={"reassoc"}, error_model="numpy")
+"""Options of the one-thread helpers (``error_model="numpy"``: a division by zero gives
+inf/nan like numpy instead of a per-division check and exception, which would stop LLVM
+from vectorising the loop)."""
 
 _f32 = numba.float32
 _f64 = numba.float64
@@ -76,7 +80,7 @@ def _dot_serial(a, b):
     return s
 
 
-_dot_serial = numba.njit(cache=True, fastmath={"reassoc"})(_dot_serial)
+_dot_serial = numba.njit(**_SERIAL)(_dot_serial)
 
 
 @numba.njit(_f64(_flat, _flat, _i64), **_OPTS)
@@ -198,12 +202,12 @@ def _residual_row(img, w_sq, out, c32):
         ws = w_sq[k]
         r = ws * img[k] - out[k] * c32
         out[k] = r
-        if ws > 0:
-            s += np.float64(r * r / ws)
+        q = r * r / ws  # (inf or nan where ws = 0: not selected; a select, not a branch)
+        s += np.float64(q if ws > 0 else np.float32(0.0))
     return s
 
 
-_residual_row = numba.njit(cache=True, fastmath={"reassoc"})(_residual_row)
+_residual_row = numba.njit(**_SERIAL)(_residual_row)
 
 
 @numba.njit(_f64(_flat, _i64, _i64, _cvol, _flat, _i64, _i64, _f64, _spans, _i64), **_OPTS)
@@ -253,6 +257,31 @@ def weighted_residual(img, img_s0, img_s1, w_sq, out, out_s0, out_s1, c, spans, 
     return acc.sum()
 
 
+def _weighted_sq(re, im, k):
+    """``|re + i im|^2 / k`` (0 where ``k = 0``), as float64."""
+    q = (re * re + im * im) / k
+    return np.float64(q if k > 0 else np.float32(0.0))
+
+
+_weighted_sq = numba.njit(inline="always", **_SERIAL)(_weighted_sq)
+
+
+def _spectrum_row(s, v, k_sq, c32):
+    """:func:`spectrum_update` on one row (real views); returns its weighted sum."""
+    acc = 0.0
+    for k in range(k_sq.shape[0]):
+        kk = k_sq[k]
+        re = s[2 * k] * kk - v[2 * k] * c32
+        im = s[2 * k + 1] * kk - v[2 * k + 1] * c32
+        s[2 * k] = re
+        s[2 * k + 1] = im
+        acc += _weighted_sq(re, im, kk)
+    return acc
+
+
+_spectrum_row = numba.njit(**_SERIAL)(_spectrum_row)
+
+
 @numba.njit(numba.types.UniTuple(_f64, 3)(_cvol, _cvol, _f64, _cvol, _i64), **_OPTS)
 def spectrum_update(s_r, v_r, c, k_sq, parts):
     """``s = k_sq * s - c v`` in place on a half spectrum, and ``sum |s|^2 / k_sq``.
@@ -284,22 +313,10 @@ def spectrum_update(s_r, v_r, c, k_sq, parts):
         st = sf = sl = 0.0
         for i in range(lo, hi):
             for j in range(ny):
-                for k in range(m):
-                    kk = k_sq[i, j, k]
-                    re = s_r[i, j, 2 * k] * kk - v_r[i, j, 2 * k] * c32
-                    im = s_r[i, j, 2 * k + 1] * kk - v_r[i, j, 2 * k + 1] * c32
-                    s_r[i, j, 2 * k] = re
-                    s_r[i, j, 2 * k + 1] = im
-                    if kk > 0:
-                        st += np.float64((re * re + im * im) / kk)
-                kk = k_sq[i, j, 0]
-                if kk > 0:
-                    re, im = s_r[i, j, 0], s_r[i, j, 1]
-                    sf += np.float64((re * re + im * im) / kk)
-                kk = k_sq[i, j, m - 1]
-                if kk > 0:
-                    re, im = s_r[i, j, 2 * m - 2], s_r[i, j, 2 * m - 1]
-                    sl += np.float64((re * re + im * im) / kk)
+                sr, kr = s_r[i, j], k_sq[i, j]
+                st += _spectrum_row(sr, v_r[i, j], kr, c32)
+                sf += _weighted_sq(sr[0], sr[1], kr[0])
+                sl += _weighted_sq(sr[2 * m - 2], sr[2 * m - 1], kr[m - 1])
         tot[t], first[t], last[t] = st, sf, sl
     return tot.sum(), first.sum(), last.sum()
 
@@ -340,7 +357,7 @@ def _gather_serial(buf_r, idx, kernel, v_r, c, out_r):
     return s
 
 
-_gather_serial = numba.njit(cache=True, fastmath={"reassoc"})(_gather_serial)
+_gather_serial = numba.njit(**_SERIAL)(_gather_serial)
 
 
 @numba.njit(_f64(_flat, numba.intp[::1], _flat, _flat, _f64, _flat, _i64), **_OPTS)
@@ -394,7 +411,7 @@ def _stencil_row(zc, zxm, zxp, zym, zyp, a0m, a0c, a1m, a1c, a2c, out):
         out[nz - 1] = out[nz - 1] + a2c[nz - 2] * (zc[nz - 1] - zc[nz - 2])
 
 
-_stencil_row = numba.njit(cache=True)(_stencil_row)
+_stencil_row = numba.njit(**_SERIAL)(_stencil_row)
 
 
 def _update_row(img, z, c32):
@@ -403,7 +420,7 @@ def _update_row(img, z, c32):
         z[k] = img[k] - z[k] * c32
 
 
-_update_row = numba.njit(cache=True)(_update_row)
+_update_row = numba.njit(**_SERIAL)(_update_row)
 
 
 def _update_plane(img, s0, s1, z, c32, spans, p):
@@ -415,7 +432,7 @@ def _update_plane(img, s0, s1, z, c32, spans, p):
             _update_row(img[b + k0: b + k1], z[p, j, k0:k1], c32)
 
 
-_update_plane = numba.njit(cache=True)(_update_plane)
+_update_plane = numba.njit(**_SERIAL)(_update_plane)
 
 
 def _stencil_plane(z, a0, a1, a2, out, s0, s1, spans, p):
@@ -438,7 +455,7 @@ def _stencil_plane(z, a0, a1, a2, out, s0, s1, spans, p):
     return s
 
 
-_stencil_plane = numba.njit(cache=True)(_stencil_plane)
+_stencil_plane = numba.njit(**_SERIAL)(_stencil_plane)
 
 
 @numba.njit(_f64(_flat, _i64, _i64, _cvol, _f64, numba.boolean, _f32[:, :, :, ::1], _flat,
