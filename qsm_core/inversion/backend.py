@@ -20,7 +20,9 @@ are plain tensor expressions.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import numpy as np
 import scipy.fft
@@ -31,6 +33,8 @@ __all__ = ["get_backend", "row_spans", "NumpyBackend", "TorchBackend", "DEVICES"
 
 DEVICES = ("cpu", "torch-cpu", "cuda")
 
+log = logging.getLogger(__name__)
+
 _KERNELS = None
 
 
@@ -38,9 +42,14 @@ def _kernels():
     """The numba kernel module (imported, i.e. compiled or loaded from cache, once)."""
     global _KERNELS
     if _KERNELS is None:
+        t0 = time.perf_counter()
         from qsm_core.inversion import _kernels
 
         _KERNELS = _kernels
+        took = time.perf_counter() - t0
+        log.log(logging.INFO if took > 5 else logging.DEBUG,
+                "numba kernels compiled or loaded from numba's cache in %.1f s (compiled once "
+                "per change of the code, then cached on disk)", took)
     return _KERNELS
 
 
