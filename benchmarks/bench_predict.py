@@ -138,17 +138,23 @@ def cpu_meter(predictor):
                 cpu[stage] += time.process_time() - t0
         return wrapper
 
-    saved = (rp.extract_patches, rp.flair_reference, RuleBasedRimDetector.score_and_call)
+    # the per-scan FLAIR reference goes by either name (older code: flair_reference)
+    names = [n for n in ("extract_patches", "flair_reference", "flair_reference_in_qsm_mask")
+             if hasattr(rp, n)]
+    saved = {n: getattr(rp, n) for n in names}
+    saved_rule = RuleBasedRimDetector.score_and_call
     model = predictor.model
-    rp.extract_patches = timed(saved[0], "patches")
-    rp.flair_reference = timed(saved[1], "patches")
-    RuleBasedRimDetector.score_and_call = timed(saved[2], "rule")
+    for n in names:
+        setattr(rp, n, timed(saved[n], "patches"))
+    RuleBasedRimDetector.score_and_call = timed(saved_rule, "rule")
     if model is not None:
         model.predict_proba = timed(model.predict_proba, "cnn")
     try:
         yield cpu
     finally:
-        rp.extract_patches, rp.flair_reference, RuleBasedRimDetector.score_and_call = saved
+        for n in names:
+            setattr(rp, n, saved[n])
+        RuleBasedRimDetector.score_and_call = saved_rule
         if model is not None:
             del model.predict_proba
 

@@ -270,3 +270,250 @@ def shell_features(x: np.ndarray, *, qsm_channel: int, lesion_channel: int,
     _shell_batch(x, int(qsm_channel), int(lesion_channel), oc, np.float32(clip),
                  np.float32(positive), feats, refs)
     return feats, refs
+
+
+# ----------------------------------------------------------------------------- patches
+@njit(cache=True, inline="always")
+def _normalise(v, divide, sc, lo, hi):
+    """``np.clip(v / sc if divide else v * sc, lo, hi)`` in float32 (NaN stays NaN)."""
+    v = v / sc if divide else v * sc
+    if v < lo:
+        v = lo
+    elif v > hi:
+        v = hi
+    return v
+
+
+@njit(cache=True)
+def _linear_c(vol, s0, s1, s2, w, divide, sc, lo, hi, dst):
+    """One lesion of :func:`_gather_linear` from a C-ordered (x, y, z) volume."""
+    p = dst.shape[0]
+    t = np.empty((p + 1, p + 1, p + 1), np.float32)
+    for i in range(p + 1):
+        for j in range(p + 1):
+            for k in range(p + 1):
+                t[i, j, k] = _normalise(np.float32(vol[s0 + i, s1 + j, s2 + k]), divide,
+                                        sc, lo, hi)
+    # a + (b - a) * w along x, then y, then z, as patches._sample_linear
+    d0 = np.empty((p, p + 1, p + 1), np.float32)
+    for a in range(p):
+        wa = w[0, a]
+        for j in range(p + 1):
+            for k in range(p + 1):
+                d0[a, j, k] = (t[a + 1, j, k] - t[a, j, k]) * wa + t[a, j, k]
+    d1 = np.empty((p, p, p + 1), np.float32)
+    for a in range(p):
+        for b in range(p):
+            wb = w[1, b]
+            for k in range(p + 1):
+                d1[a, b, k] = (d0[a, b + 1, k] - d0[a, b, k]) * wb + d0[a, b, k]
+    wc = w[2]
+    for a in range(p):
+        for b in range(p):
+            for c in range(p):
+                dst[a, b, c] = (d1[a, b, c + 1] - d1[a, b, c]) * wc[c] + d1[a, b, c]
+
+
+@njit(cache=True)
+def _linear_f(vol_t, s0, s1, s2, w, divide, sc, lo, hi, dst):
+    """One lesion of :func:`_gather_linear` from the (z, y, x) transpose of the volume.
+
+    The same operations on every value as :func:`_linear_c`, in the transposed memory order.
+    """
+    p = dst.shape[0]
+    t = np.empty((p + 1, p + 1, p + 1), np.float32)  # (z, y, x)
+    for k in range(p + 1):
+        for j in range(p + 1):
+            for i in range(p + 1):
+                t[k, j, i] = _normalise(np.float32(vol_t[s2 + k, s1 + j, s0 + i]), divide,
+                                        sc, lo, hi)
+    wx = w[0]
+    d0 = np.empty((p + 1, p + 1, p), np.float32)  # (z, y, x)
+    for k in range(p + 1):
+        for j in range(p + 1):
+            for a in range(p):
+                d0[k, j, a] = (t[k, j, a + 1] - t[k, j, a]) * wx[a] + t[k, j, a]
+    d1 = np.empty((p + 1, p, p), np.float32)  # (z, y, x)
+    for k in range(p + 1):
+        for b in range(p):
+            wb = w[1, b]
+            for a in range(p):
+                d1[k, b, a] = (d0[k, b + 1, a] - d0[k, b, a]) * wb + d0[k, b, a]
+    d2 = np.empty((p, p, p), np.float32)  # (z, y, x)
+    for c in range(p):
+        wc = w[2, c]
+        for b in range(p):
+            for a in range(p):
+                d2[c, b, a] = (d1[c + 1, b, a] - d1[c, b, a]) * wc + d1[c, b, a]
+    for a in range(p):
+        for b in range(p):
+            for c in range(p):
+                dst[a, b, c] = d2[c, b, a]
+
+
+@njit(cache=True, parallel=True)
+def _gather_linear(vol, flip, starts, w, rows, ch, divide, sc, lo, hi, out):
+    """Trilinear patches of on-grid lesions (see :func:`gather_linear`)."""
+    for r in prange(starts.shape[0]):
+        if flip:
+            _linear_f(vol, starts[r, 0], starts[r, 1], starts[r, 2], w[r], divide, sc, lo, hi,
+                      out[rows[r], ch])
+        else:
+            _linear_c(vol, starts[r, 0], starts[r, 1], starts[r, 2], w[r], divide, sc, lo, hi,
+                      out[rows[r], ch])
+
+
+@njit(cache=True)
+def _masks_one(labels, flip, s0, s1, s2, lid, dst, ch_les, ch_oth):
+    """Both masks of one lesion from one read of its label block."""
+    p = dst.shape[1]
+    blk = np.empty((p, p, p), labels.dtype)  # (x, y, z)
+    if flip:  # read the (z, y, x) transpose in its memory order
+        for k in range(p):
+            for j in range(p):
+                for i in range(p):
+                    blk[i, j, k] = labels[s2 + k, s1 + j, s0 + i]
+    else:
+        for i in range(p):
+            for j in range(p):
+                for k in range(p):
+                    blk[i, j, k] = labels[s0 + i, s1 + j, s2 + k]
+    if ch_les >= 0:
+        d = dst[ch_les]
+        for i in range(p):
+            for j in range(p):
+                for k in range(p):
+                    d[i, j, k] = np.float32(blk[i, j, k] == lid)
+    if ch_oth >= 0:
+        d = dst[ch_oth]
+        for i in range(p):
+            for j in range(p):
+                for k in range(p):
+                    v = blk[i, j, k]
+                    d[i, j, k] = np.float32((v != lid) & (v > 0))
+
+
+@njit(cache=True, parallel=True)
+def _gather_masks(labels, flip, starts, ids, rows, ch_les, ch_oth, out):
+    """Nearest-neighbour lesion / other-lesion masks of on-grid lesions."""
+    for r in prange(starts.shape[0]):
+        _masks_one(labels, flip, starts[r, 0], starts[r, 1], starts[r, 2], ids[r],
+                   out[rows[r]], ch_les, ch_oth)
+
+
+def _c_view(vol: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A C-contiguous view of ``vol`` (its transpose if Fortran-ordered), and if transposed."""
+    if vol.flags.c_contiguous:
+        return vol, False
+    if vol.flags.f_contiguous:
+        return vol.T, True
+    return np.ascontiguousarray(vol), False
+
+
+def gather_linear(vol: np.ndarray, starts: np.ndarray, weights: np.ndarray, rows: np.ndarray,
+                  channel: int, out: np.ndarray, *, divide: bool, scale: float, lo: float,
+                  hi: float) -> None:
+    """Normalised, trilinearly sampled patches of lesions whose samples are on the grid.
+
+    Parameters
+    ----------
+    vol : ndarray, shape (X, Y, Z)
+        Any real dtype (cast to float32 first), C- or Fortran-ordered.
+    starts : ndarray of int, shape (N, 3)
+        First voxel of each lesion's ``(P + 1)^3`` block.
+    weights : ndarray of float32, shape (N, 3, P)
+        Interpolation weight of the upper neighbour per sample and axis.
+    rows, channel : ndarray of int (N,), int
+        Lesion ``r`` goes to ``out[rows[r], channel]``.
+    out : ndarray of float32, shape (M, C, P, P, P)
+    divide, scale, lo, hi : bool, float, float, float
+        The normalisation ``clip(v / scale if divide else v * scale, lo, hi)`` (float32).
+
+    Notes
+    -----
+    The same float32 operations in the same order as :func:`rimnet.patches._sample_linear`
+    (normalise the block, then ``a + (b - a) * w`` along x, y and z), hence the same bits.
+    """
+    v, flip = _c_view(vol)
+    _gather_linear(v, flip, np.ascontiguousarray(starts, np.int64),
+                   np.ascontiguousarray(weights, np.float32), np.asarray(rows, np.int64),
+                   int(channel), bool(divide), np.float32(scale), np.float32(lo),
+                   np.float32(hi), out)
+
+
+def gather_masks(labels: np.ndarray, starts: np.ndarray, ids: np.ndarray, rows: np.ndarray,
+                 out: np.ndarray, *, lesion_channel: int | None,
+                 others_channel: int | None) -> None:
+    """This-lesion and other-lesions masks of on-grid lesions, from one read of the labels.
+
+    ``starts`` (N, 3) are the first voxels of the ``P^3`` blocks (P from ``out``, shape
+    (M, C, P, P, P)); ``out[rows[r], lesion_channel]`` receives 1 where the label is
+    ``ids[r]``, else 0, and ``out[rows[r], others_channel]`` 1 where it is another non-zero
+    label (either channel None: not written).
+    """
+    v, flip = _c_view(labels)
+    _gather_masks(v, flip, np.ascontiguousarray(starts, np.int64), np.asarray(ids, np.int64),
+                  np.asarray(rows, np.int64),
+                  -1 if lesion_channel is None else int(lesion_channel),
+                  -1 if others_channel is None else int(others_channel), out)
+
+
+# ----------------------------------------------------------------------------- references
+@njit(cache=True, inline="always")
+def _at(a, flip, i, j, k):
+    return a[k, j, i] if flip else a[i, j, k]
+
+
+@njit(cache=True)
+def _reference_values(flair, f_flip, qsm, q_flip, labels, l_flip, shape, step):
+    n0, n1, n2 = shape
+    m0, m1, m2 = (n0 + step - 1) // step, (n1 + step - 1) // step, (n2 + step - 1) // step
+    vals = np.empty(m0 * m1 * m2, flair.dtype)
+    n = 0
+    if f_flip:  # loop in the flair volume's memory order
+        for kk in range(m2):
+            for jj in range(m1):
+                for ii in range(m0):
+                    i, j, k = ii * step, jj * step, kk * step
+                    if _at(qsm, q_flip, i, j, k) != 0 and _at(labels, l_flip, i, j, k) == 0:
+                        vals[n] = flair[k, j, i]
+                        n += 1
+    else:
+        for ii in range(m0):
+            for jj in range(m1):
+                for kk in range(m2):
+                    i, j, k = ii * step, jj * step, kk * step
+                    if _at(qsm, q_flip, i, j, k) != 0 and _at(labels, l_flip, i, j, k) == 0:
+                        vals[n] = flair[i, j, k]
+                        n += 1
+    return vals[:n]
+
+
+@njit(cache=True)
+def _any_nonzero(a):
+    for v in a.reshape(a.size):
+        if v != 0:
+            return True
+    return False
+
+
+def reference_values(flair: np.ndarray, qsm: np.ndarray, labels: np.ndarray,
+                     step: int) -> np.ndarray:
+    """FLAIR values on the sub-grid ``[::step]`` (each axis) where ``qsm != 0 and labels == 0``.
+
+    The voxels that :func:`rimnet.patches.flair_reference` takes the median of with
+    ``brain_mask = qsm != 0`` (in another order: the median does not depend on it). Any
+    memory order of the three volumes (shape (X, Y, Z) each).
+    """
+    views = [_c_view(a) for a in (flair, qsm, labels)]
+    if not all(v.flags.c_contiguous for v, _ in views):  # pragma: no cover - _c_view copies
+        raise ValueError("volumes must be C- or Fortran-contiguous")
+    (f, ff), (q, qf), (la, lf) = views
+    return _reference_values(f, ff, q, qf, la, lf, tuple(int(s) for s in flair.shape),
+                             int(step))
+
+
+def any_nonzero(a: np.ndarray) -> bool:
+    """``bool(np.any(a != 0))``, stopping at the first non-zero value."""
+    v, _ = _c_view(a)
+    return bool(_any_nonzero(v))

@@ -57,6 +57,7 @@ __all__ = [
     "PATCH_VOXELS",
     "normalise_qsm",
     "flair_reference",
+    "flair_reference_in_qsm_mask",
     "normalise_flair",
     "lesion_centroids_vox",
     "patch_coordinates",
@@ -139,6 +140,45 @@ def flair_reference(flair: np.ndarray, *, lesion_labels: np.ndarray | None = Non
     if lesion_labels is not None:
         sel &= np.asarray(lesion_labels)[grid] == 0
     vals = fl[sel]
+    ref = float(_median(vals)) if vals.size else 0.0
+    if not np.isfinite(ref) or ref <= 0:
+        raise InputError("FLAIR has no positive normal-appearing tissue to normalise by "
+                         "(empty, all-zero or negative image); check the FLAIR file")
+    return ref
+
+
+def flair_reference_in_qsm_mask(flair: np.ndarray, *, qsm: np.ndarray,
+                                lesion_labels: np.ndarray) -> float:
+    """:func:`flair_reference` with ``brain_mask = qsm != 0`` (none if the QSM is all 0).
+
+    What ``predict`` and training use (the QSM's own brain mask), in one compiled pass over
+    the reference sub-grid instead of a full-volume mask and several copies; the same
+    value bit for bit.
+
+    Parameters
+    ----------
+    flair, qsm, lesion_labels : ndarray, shape (X, Y, Z)
+        On one grid, any memory order.
+
+    Returns
+    -------
+    float
+    """
+    flair, qsm, labels = (np.asarray(a) for a in (flair, qsm, lesion_labels))
+    simple = (flair.ndim == 3 and flair.shape == qsm.shape == labels.shape
+              and all(a.dtype.kind in "biuf" for a in (flair, qsm, labels))
+              and all(a.flags.c_contiguous or a.flags.f_contiguous
+                      for a in (flair, qsm, labels)))
+    if not simple:
+        brain = qsm != 0
+        return flair_reference(flair, lesion_labels=labels,
+                               brain_mask=brain if brain.any() else None)
+    from rimnet import _kernels
+
+    step = _REFERENCE_GRID if flair.size > _REFERENCE_GRID_ABOVE else 1
+    vals = _kernels.reference_values(flair, qsm, labels, step)
+    if vals.size == 0 and not _kernels.any_nonzero(qsm):
+        return flair_reference(flair, lesion_labels=labels, brain_mask=None)
     ref = float(_median(vals)) if vals.size else 0.0
     if not np.isfinite(ref) or ref <= 0:
         raise InputError("FLAIR has no positive normal-appearing tissue to normalise by "
@@ -300,10 +340,6 @@ def map_threads(fn, items: list, *, min_items: int = 2) -> list:
         return list(pool.map(fn, items))
 
 
-_BLOCK_CHUNK = 4
-"""Lesions per batched gather in :func:`_extract_on_grid` (bounds its temporary memory)."""
-
-
 def _grid_axes(cents: np.ndarray, *, voxel_size_mm, patch_mm: float, patch_voxels: int):
     """Per-lesion sample positions as in :func:`patch_coordinates`, shape (N, 3, P)."""
     vs = np.asarray(voxel_size_mm, dtype=float)
@@ -336,79 +372,33 @@ def _on_grid_lesions(cents: np.ndarray, shape, *, voxel_size_mm, patch_mm: float
 def _extract_on_grid(prepared: dict, labels: np.ndarray, ids: np.ndarray, cents: np.ndarray,
                      *, channels, voxel_size_mm, patch_mm: float, patch_voxels: int,
                      out: np.ndarray, rows_out: np.ndarray) -> None:
-    """Patches of on-grid lesions (:func:`_on_grid_lesions`), in small batches.
+    """Patches of on-grid lesions (:func:`_on_grid_lesions`), by compiled gathers.
 
     Bit for bit what :func:`_sample_linear` / :func:`_sample_nearest` give lesion by lesion
-    (the same crop, element-wise transform and three 1-D interpolations ``a + (b - a) * w``),
-    with every intermediate in a few buffers reused across lesions and channels: fresh
-    temporaries of this size cost more in page faults than in arithmetic. Lesion ``i``
-    goes to ``out[rows_out[i]]``.
+    (the same crop, element-wise normalisation and three 1-D interpolations
+    ``a + (b - a) * w``, see :func:`rimnet._kernels.gather_linear`), in one pass per lesion
+    and channel that reads the volume in its memory order, lesions spread over
+    :func:`worker_threads` threads. Lesion ``i`` goes to ``out[rows_out[i]]``.
     """
-    p, n = patch_voxels, len(ids)
+    from rimnet import _kernels
+
+    p = patch_voxels
     c = _grid_axes(cents, voxel_size_mm=voxel_size_mm, patch_mm=patch_mm, patch_voxels=p)
     i0 = np.floor(c).astype(np.intp)
     w1 = (c - i0).astype(np.float32)  # (N, 3, P), as _linear_axis computes it
     starts = i0[:, :, 0]
     near = np.floor(c[..., 0] + 0.5).astype(np.intp)
-    m = min(_BLOCK_CHUNK, n)
-    block = np.empty((m, p + 1, p + 1, p + 1), np.float32)
-    d0 = np.empty((m, p, p + 1, p + 1), np.float32)
-    d1 = np.empty((m, p, p, p + 1), np.float32)
-    d2 = np.empty((m, p, p, p), np.float32)
-    hit = np.empty((m, p, p, p), bool)
-    for r0 in range(0, n, m):
-        rows = range(r0, min(r0 + m, n))
-        k = len(rows)
-        dest = rows_out[r0:r0 + k]
-        if k > 1 and np.all(np.diff(dest) == 1):
-            dest = slice(int(dest[0]), int(dest[-1]) + 1)
-        for ch, name in enumerate(channels):
-            if name in prepared:
-                vol, fn = prepared[name]
-                # A Fortran-ordered volume (as NIfTI files load) is cut through its
-                # transpose, so that crops read contiguous rows; the buffers then hold
-                # (z, y, x) blocks and the same interpolations run on the mirrored axes.
-                flip = vol.flags.f_contiguous and not vol.flags.c_contiguous
-                src_vol = vol.T if flip else vol
-                g = block[:k]
-                for j, r in enumerate(rows):
-                    s0, s1, s2 = starts[r][::-1] if flip else starts[r]
-                    crop = src_vol[s0:s0 + p + 1, s1:s1 + p + 1, s2:s2 + p + 1]
-                    if vol.dtype == np.float32:  # transform straight from the volume
-                        fn(crop, out=g[j])
-                    else:  # cast first, as the transform does
-                        g[j] = crop
-                        fn(g[j], out=g[j])
-                src = g
-                direct = isinstance(dest, slice) and not flip
-                last = out[dest, ch] if direct else d2[:k]
-                for axis, dst in enumerate((d0[:k], d1[:k], last)):
-                    ax = 3 - axis if flip else axis + 1  # buffer axis of volume axis `axis`
-                    lo = [slice(None)] * 4
-                    hi = [slice(None)] * 4
-                    lo[ax], hi[ax] = slice(0, p), slice(1, p + 1)
-                    a, b = src[tuple(lo)], src[tuple(hi)]
-                    shape = [k, 1, 1, 1]
-                    shape[ax] = p
-                    dst = dst.reshape(a.shape) if flip else dst
-                    np.subtract(b, a, out=dst)
-                    np.multiply(dst, w1[r0:r0 + k, axis].reshape(shape), out=dst)
-                    np.add(dst, a, out=dst)  # IEEE addition is commutative: a + (b - a) * w
-                    src = dst
-                if not direct:
-                    out[dest, ch] = src.transpose(0, 3, 2, 1) if flip else src
-            else:
-                flip = labels.flags.f_contiguous and not labels.flags.c_contiguous
-                src_lab = labels.T if flip else labels
-                for j, r in enumerate(rows):
-                    s0, s1, s2 = near[r][::-1] if flip else near[r]
-                    crop = src_lab[s0:s0 + p, s1:s1 + p, s2:s2 + p]
-                    if name == "lesion":
-                        np.equal(crop, ids[r], out=hit[j])
-                    else:
-                        np.not_equal(crop, ids[r], out=hit[j])
-                        np.logical_and(hit[j], crop > 0, out=hit[j])
-                out[dest, ch] = hit[:k].transpose(0, 3, 2, 1) if flip else hit[:k]
+    _kernels.set_threads(worker_threads())
+    for ch, name in enumerate(channels):
+        if name in prepared:
+            vol, _, (divide, scale, lo, hi) = prepared[name]
+            _kernels.gather_linear(vol, starts, w1, rows_out, ch, out, divide=divide,
+                                   scale=scale, lo=lo, hi=hi)
+    masks = {name: ch for ch, name in enumerate(channels) if name in _MASK_CHANNELS}
+    if masks:
+        _kernels.gather_masks(labels, near, ids, rows_out, out,
+                              lesion_channel=masks.get("lesion"),
+                              others_channel=masks.get("others"))
 
 
 def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
@@ -492,7 +482,7 @@ def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
                              f"{labels.shape}; resample the lesion map to the {name} grid "
                              "(rimnet.lesions.resample_labels_to)")
         if name == "qsm":
-            prepared[name] = (vol, normalise_qsm)
+            prepared[name] = (vol, normalise_qsm, (False, QSM_SCALE, -QSM_CLIP, QSM_CLIP))
         else:
             ref = flair_ref if name == "flair" else swi_ref
             if ref is None:
@@ -500,7 +490,8 @@ def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
                     raise InputError(f"{name} volume has NaN/Inf voxels; fix or mask them "
                                      "first")
                 ref = flair_reference(vol, lesion_labels=labels, brain_mask=brain_mask)
-            prepared[name] = (vol, functools.partial(normalise_flair, reference=ref))
+            prepared[name] = (vol, functools.partial(normalise_flair, reference=ref),
+                              (True, ref, 0.0, FLAIR_CLIP))
 
     n = len(ids)
     # every row is filled below, by the batched or the per-lesion path
@@ -514,14 +505,10 @@ def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
     on_grid = _on_grid_lesions(cents, labels.shape, voxel_size_mm=vs, patch_mm=patch_mm,
                                patch_voxels=patch_voxels)
     fast = np.flatnonzero(on_grid)
-    ids_arr = np.asarray(ids)
-    # contiguous groups of lesions, one per thread (each with its own buffers)
-    groups = [g for g in np.array_split(fast, min(worker_threads(), max(fast.size // 8, 1)))
-              if g.size]
-    map_threads(lambda g: _extract_on_grid(prepared, labels, ids_arr[g], cents[g],
-                                           channels=channels, voxel_size_mm=vs,
-                                           patch_mm=patch_mm, patch_voxels=patch_voxels,
-                                           out=out, rows_out=g), groups)
+    if fast.size:
+        _extract_on_grid(prepared, labels, np.asarray(ids)[fast], cents[fast], channels=channels,
+                         voxel_size_mm=vs, patch_mm=patch_mm, patch_voxels=patch_voxels,
+                         out=out, rows_out=fast)
     for k in np.flatnonzero(~on_grid):
         lid, cen = ids[k], cents[k]
         coords = patch_coordinates(cen, voxel_size_mm=vs, patch_mm=patch_mm,
@@ -529,7 +516,7 @@ def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
         lab = None
         for c, name in enumerate(channels):
             if name in prepared:
-                vol, fn = prepared[name]
+                vol, fn, _ = prepared[name]
                 out[k, c] = _sample_linear(vol, coords, fn)
             else:
                 if lab is None:

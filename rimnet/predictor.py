@@ -50,7 +50,7 @@ from qsm_core.io.bids import normalise_label, parse_entities
 from qsm_core.io.nifti import load_nifti, save_nifti
 from qsm_core.io.tables import NA, read_table, validate_table, write_table
 from rimnet.lesions import label_lesions, lesion_table, resample_labels_to
-from rimnet.patches import extract_patches, flair_reference
+from rimnet.patches import extract_patches, flair_reference_in_qsm_mask
 from rimnet.rule_based import RuleBasedRimDetector
 
 __all__ = [
@@ -548,11 +548,11 @@ class Predictor:
             log.warning("%s: no lesions in %s (after the %.1f mm size filter); recorded with "
                         "n_lesions = 0", scan.name, scan.lesion_path, self.min_long_axis_mm)
         t1 = time.perf_counter()
-        brain = chi != 0  # the QSM mask; training (training.dataset) uses the same reference
         flair_ref = None
         if "flair" in images and "flair" in self.channels:
-            flair_ref = flair_reference(images["flair"], lesion_labels=labels,
-                                        brain_mask=brain if brain.any() else None)
+            # within the QSM mask (chi != 0); training (training.dataset) uses the same
+            flair_ref = flair_reference_in_qsm_mask(images["flair"], qsm=chi,
+                                                    lesion_labels=labels)
         ids = table["lesion_id"].to_numpy(int)
         cents = table[["centroid_i", "centroid_j", "centroid_k"]].to_numpy(float)
         patches = extract_patches(images, labels, ids, voxel_size_mm=vs, patch_mm=self.patch_mm,

@@ -39,3 +39,22 @@ def test_shell_features_match_the_module(p, others):
     np.testing.assert_allclose(r, ref_r.numpy(), rtol=0, atol=2e-6)
     assert np.all(f[-1] == 0) and r[-1] == 0  # no lesion: every feature 0
     assert np.abs(f).max() > 0.1  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("shape", [(40, 36, 30), (132, 130, 124)])  # below / above 2 M voxels
+@pytest.mark.parametrize("layouts", ["CCC", "FFC", "FCF"])
+def test_flair_reference_in_qsm_mask_equals_the_masked_median(rng, shape, layouts):
+    from rimnet.patches import flair_reference, flair_reference_in_qsm_mask
+
+    flair = rng.gamma(4.0, 25.0, shape).astype(np.float32)
+    qsm = rng.normal(0, 0.05, shape).astype(np.float32)
+    qsm[: shape[0] // 3] = 0  # outside the brain
+    labels = np.zeros(shape, np.int32)
+    labels[10:20, 5:25, 8:22] = 7
+    flair, qsm, labels = (np.asarray(a, order=o) for a, o in zip((flair, qsm, labels), layouts))
+    ref = flair_reference(flair, lesion_labels=labels, brain_mask=qsm != 0)
+    assert flair_reference_in_qsm_mask(flair, qsm=qsm, lesion_labels=labels) == ref
+    # an all-zero QSM: no mask, as before
+    zero = np.zeros_like(qsm)
+    assert (flair_reference_in_qsm_mask(flair, qsm=zero, lesion_labels=labels)
+            == flair_reference(flair, lesion_labels=labels))
