@@ -321,7 +321,7 @@ def spectrum_update(s_r, v_r, c, k_sq, parts):
     return tot.sum(), first.sum(), last.sum()
 
 
-@numba.njit(numba.void(_flat, numba.intp[::1], _flat, _flat), **_OPTS)
+@numba.njit(numba.void(_flat, numba.int32[::1], _flat, _flat), **_OPTS)
 def scatter_scaled(buf_r, idx, values_r, kernel):
     """``buf[idx] = kernel * values`` (complex entries scaled by a real kernel).
 
@@ -329,14 +329,14 @@ def scatter_scaled(buf_r, idx, values_r, kernel):
     ----------
     buf_r : ndarray, shape (2 N,), float32, contiguous
         Real view of the flat complex64 target (N entries).
-    idx : ndarray, shape (n,), intp
+    idx : ndarray, shape (n,), int32
         Unique flat indices into the complex target.
     values_r : ndarray, shape (2 n,), float32, contiguous
         Real view of the complex64 values.
     kernel : ndarray, shape (n,), float32
     """
     for i in prange(idx.shape[0]):
-        p = idx[i]
+        p = np.int64(idx[i])
         k = kernel[i]
         buf_r[2 * p] = values_r[2 * i] * k
         buf_r[2 * p + 1] = values_r[2 * i + 1] * k
@@ -347,7 +347,7 @@ def _gather_serial(buf_r, idx, kernel, v_r, c, out_r):
     c32 = np.float32(c)
     s = 0.0
     for i in range(idx.shape[0]):
-        p = idx[i]
+        p = np.int64(idx[i])
         k = kernel[i]
         re = buf_r[2 * p] * k - v_r[2 * i] * c32
         im = buf_r[2 * p + 1] * k - v_r[2 * i + 1] * c32
@@ -360,7 +360,7 @@ def _gather_serial(buf_r, idx, kernel, v_r, c, out_r):
 _gather_serial = numba.njit(**_SERIAL)(_gather_serial)
 
 
-@numba.njit(_f64(_flat, numba.intp[::1], _flat, _flat, _f64, _flat, _i64), **_OPTS)
+@numba.njit(_f64(_flat, numba.int32[::1], _flat, _flat, _f64, _flat, _i64), **_OPTS)
 def gather_update(buf_r, idx, kernel, v_r, c, out_r, parts):
     """``out = kernel * buf[idx] - c v``; returns ``||out||^2`` (complex entries).
 
@@ -368,7 +368,7 @@ def gather_update(buf_r, idx, kernel, v_r, c, out_r, parts):
     ----------
     buf_r : ndarray, shape (2 N,), float32, contiguous
         Real view of the flat complex64 source.
-    idx : ndarray, shape (n,), intp
+    idx : ndarray, shape (n,), int32
     kernel : ndarray, shape (n,), float32
     v_r, out_r : ndarray, shape (2 n,), float32, contiguous
         Real views of complex64 vectors (``out`` may be ``v``: each element is read

@@ -135,8 +135,15 @@ class NumpyBackend:
 
     @staticmethod
     def index(idx) -> np.ndarray:
-        """Flat indices for :meth:`gather`/:meth:`scatter`."""
-        return np.asarray(idx, dtype=np.intp)
+        """Flat indices for :meth:`gather`/:meth:`scatter`, as contiguous int32.
+
+        (Half the memory traffic of int64 in the cone sweeps.)
+        """
+        idx = np.asarray(idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= 2**31):
+            raise ValueError("flat indices must lie in [0, 2**31) (a spectrum of at most "
+                             "2**31 entries)")
+        return np.ascontiguousarray(idx, dtype=np.int32)
 
     @staticmethod
     def gather(a, idx):

@@ -137,7 +137,7 @@ def test_spectrum_update_and_hermitian_planes(rng, parts, shape):
 @pytest.mark.parametrize("parts", PARTS)
 def test_scatter_and_gather(rng, parts):
     shape = (6, 5, 4)
-    idx = np.sort(rng.choice(np.prod(shape), size=57, replace=False)).astype(np.intp)
+    idx = np.sort(rng.choice(np.prod(shape), size=57, replace=False)).astype(np.int32)
     vals, v = _c64(rng, 57), _c64(rng, 57)
     k = rng.random(57).astype(np.float32)
     buf = np.zeros(shape, np.complex64)
