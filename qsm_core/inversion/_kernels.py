@@ -25,7 +25,13 @@ Conventions
   Its workers sleep between launches (no spin-waiting that would steal the cores from the
   FFT's threads or torch's OpenMP pool) and it is fork-safe (the simulator forks worker
   processes), but it is not thread-safe: launches are serialised by :data:`LOCK`. The
-  thread count is set per launch by the backend (``numba.set_num_threads``).
+  thread count is set per launch by the backend (``numba.set_num_threads``). The layer is
+  process-wide: other ``parallel=True`` numba code in the same process must not launch
+  from several Python threads at once either (numba then aborts the process with
+  "Concurrent access has been detected"); it can launch through :func:`launch`. (GNU
+  OpenMP, numba's default here, is thread-safe but not fork-safe and spin-waits: it
+  doubled the CPU time of these kernels on the 2-core machine; TBB, ``pip install tbb``,
+  would be both thread- and fork-safe.)
 
 Arrays named ``*_r`` are real (float32) views of complex64 arrays: real and imaginary
 parts interleaved along the last axis.
