@@ -517,3 +517,416 @@ def any_nonzero(a: np.ndarray) -> bool:
     """``bool(np.any(a != 0))``, stopping at the first non-zero value."""
     v, _ = _c_view(a)
     return bool(_any_nonzero(v))
+
+
+# ----------------------------------------------------------------------------- rule-based
+_BIG = 1 << 20  # "no lesion voxel within reach" in squared-distance maps
+
+
+@njit(cache=True)
+def _min_plus(d, lo, hi, t_max):
+    """Separable min-plus passes (offsets up to ``t_max``) over the sub-box ``[lo, hi)``."""
+    for axis in range(3):
+        n = hi[axis] - lo[axis]
+        line = np.empty(n, np.int64)
+        a1, a2 = (1, 2) if axis == 0 else ((0, 2) if axis == 1 else (0, 1))
+        for u in range(lo[a1], hi[a1]):
+            for v in range(lo[a2], hi[a2]):
+                for x in range(n):
+                    if axis == 0:
+                        line[x] = d[lo[0] + x, u, v]
+                    elif axis == 1:
+                        line[x] = d[u, lo[1] + x, v]
+                    else:
+                        line[x] = d[u, v, lo[2] + x]
+                for x in range(n):
+                    m = line[x]
+                    for t in range(1, t_max + 1):
+                        w = t * t
+                        if x - t >= 0 and line[x - t] + w < m:
+                            m = line[x - t] + w
+                        if x + t < n and line[x + t] + w < m:
+                            m = line[x + t] + w
+                    if axis == 0:
+                        d[lo[0] + x, u, v] = m
+                    elif axis == 1:
+                        d[u, lo[1] + x, v] = m
+                    else:
+                        d[u, v, lo[2] + x] = m
+
+
+@njit(cache=True)
+def _median32(vals):
+    """:func:`rimnet.patches._median` of finite float32 values (one selection), as float32."""
+    n = vals.size
+    if n == 1:
+        return vals[0]
+    k = n // 2
+    part = np.partition(vals, k)
+    if n % 2:
+        return part[k]
+    lo = part[0]
+    for i in range(1, k):
+        if part[i] > lo:
+            lo = part[i]
+    return np.float32(np.float32(lo + part[k]) / np.float32(2.0))
+
+
+@njit(cache=True)
+def _pairwise_block(a, lo, n):
+    """Pairwise sum (as numpy's) of at most 128 values (8 accumulators, then the rest)."""
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res += a[i]
+        return res
+    r = np.empty(8)
+    for j in range(8):
+        r[j] = a[lo + j]
+    i = 8
+    while i < n - (n % 8):
+        for j in range(8):
+            r[j] += a[lo + i + j]
+        i += 8
+    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@njit(cache=True)
+def _pairwise_sum(a, lo, n):
+    """Sum of ``a[lo:lo + n]`` (float64) exactly as numpy's ``add.reduce`` (pairwise).
+
+    numpy halves blocks of more than 128 values (at a multiple of 8) and adds the halves'
+    sums; the recursion is unrolled on an explicit stack (recursive numba functions do not
+    survive the on-disk cache).
+    """
+    if n <= 128:
+        return _pairwise_block(a, lo, n)
+    st = np.empty((64, 3), np.int64)  # (start, length, 0: split / 1: add the two sums)
+    vals = np.empty(64)
+    st[0, 0], st[0, 1], st[0, 2] = lo, n, 0
+    top = 1
+    nv = 0
+    while top > 0:
+        top -= 1
+        s0, m, phase = st[top, 0], st[top, 1], st[top, 2]
+        if phase == 1:
+            vals[nv - 2] = vals[nv - 2] + vals[nv - 1]
+            nv -= 1
+        elif m <= 128:
+            vals[nv] = _pairwise_block(a, s0, m)
+            nv += 1
+        else:
+            n2 = m // 2
+            n2 -= n2 % 8
+            st[top, 0], st[top, 1], st[top, 2] = s0, m, 1
+            st[top + 1, 0], st[top + 1, 1], st[top + 1, 2] = s0 + n2, m - n2, 0
+            st[top + 2, 0], st[top + 2, 1], st[top + 2, 2] = s0, n2, 0
+            top += 3
+    return vals[0]
+
+
+@njit(cache=True)
+def _rule_one(q, les_p, oth_p, has_oth, pad, t_out, t_in, c_le, c_nawm_in, c_nawm_out, c_rim,
+              c_vein, c_in, n_sectors, rim_contrast, coverage_min, min_slices,
+              min_sector_fraction, vein_min, qsm_scale, res):
+    """Rule features of one patch into ``res`` (see :func:`rule_features`)."""
+    p0, p1, p2 = q.shape
+    lo = np.array([p0, p1, p2])
+    hi = np.array([-1, -1, -1])
+    for i in range(p0):
+        for j in range(p1):
+            for k in range(p2):
+                if les_p[i, j, k] > 0.5:
+                    lo[0] = min(lo[0], i)
+                    hi[0] = max(hi[0], i)
+                    lo[1] = min(lo[1], j)
+                    hi[1] = max(hi[1], j)
+                    lo[2] = min(lo[2], k)
+                    hi[2] = max(hi[2], k)
+    if hi[0] < 0:
+        res[5] = -1.0
+        return
+    b0 = np.empty(3, np.int64)
+    sz = np.empty(3, np.int64)
+    for a in range(3):
+        b0[a] = max(lo[a] - pad, 0)
+        sz[a] = min(hi[a] + pad + 1, q.shape[a]) - b0[a]
+    nx, ny, nz = sz[0], sz[1], sz[2]
+    les = np.zeros((nx, ny, nz), np.bool_)
+    oth = np.zeros((nx, ny, nz), np.bool_)
+    chi = np.empty((nx, ny, nz), np.float32)
+    for i in range(nx):
+        for j in range(ny):
+            for k in range(nz):
+                gi, gj, gk = b0[0] + i, b0[1] + j, b0[2] + k
+                li = les_p[gi, gj, gk] > 0.5
+                les[i, j, k] = li
+                if has_oth:
+                    oth[i, j, k] = (oth_p[gi, gj, gk] > 0.5) and not li
+                chi[i, j, k] = q[gi, gj, gk] / qsm_scale
+    llo = lo - b0  # lesion bounding box in box coordinates
+    lhi = hi - b0 + 1
+    # squared distances (voxels) to the lesion, within t_out of its bounding box
+    n_out = np.full((nx, ny, nz), _BIG, np.int64)
+    rlo = np.empty(3, np.int64)
+    rhi = np.empty(3, np.int64)
+    for a in range(3):
+        rlo[a] = max(llo[a] - t_out, 0)
+        rhi[a] = min(lhi[a] + t_out, sz[a])
+    for i in range(rlo[0], rhi[0]):
+        for j in range(rlo[1], rhi[1]):
+            for k in range(rlo[2], rhi[2]):
+                if les[i, j, k]:
+                    n_out[i, j, k] = 0
+    _min_plus(n_out, rlo, rhi, t_out)
+    # squared distances of lesion voxels to the nearest non-lesion voxel (bbox + 1)
+    n_in = np.full((nx, ny, nz), _BIG, np.int64)
+    for a in range(3):
+        rlo[a] = max(llo[a] - 1, 0)
+        rhi[a] = min(lhi[a] + 1, sz[a])
+    for i in range(rlo[0], rhi[0]):
+        for j in range(rlo[1], rhi[1]):
+            for k in range(rlo[2], rhi[2]):
+                if not les[i, j, k]:
+                    n_in[i, j, k] = 0
+    _min_plus(n_in, rlo, rhi, t_in)
+    # NAWM reference: median QSM of the ring (or, without one, of everything beyond the band)
+    nvox = nx * ny * nz
+    buf = np.empty(nvox, np.float32)
+    m = 0
+    for i in range(nx):
+        for j in range(ny):
+            for k in range(nz):
+                d = n_out[i, j, k]
+                if not les[i, j, k] and not oth[i, j, k] and d > c_nawm_in and d <= c_nawm_out:
+                    buf[m] = chi[i, j, k]
+                    m += 1
+    if m == 0:
+        for i in range(nx):
+            for j in range(ny):
+                for k in range(nz):
+                    if not les[i, j, k] and not oth[i, j, k] and n_out[i, j, k] > c_rim:
+                        buf[m] = chi[i, j, k]
+                        m += 1
+    nawm = _median32(buf[:m].copy()) if m else np.float32(0.0)
+    con = np.empty((nx, ny, nz), np.float32)
+    for i in range(nx):
+        for j in range(ny):
+            for k in range(nz):
+                con[i, j, k] = chi[i, j, k] - nawm
+    # vein suppression: 26-connected bright components reaching beyond vein_mm
+    comp = np.zeros((nx, ny, nz), np.int32)
+    vein0 = np.zeros((nx, ny, nz), np.bool_)
+    stack = np.empty((nvox, 3), np.int64)
+    members = np.empty((nvox, 3), np.int64)
+    label = 0
+    any_vein = False
+    for i in range(nx):
+        for j in range(ny):
+            for k in range(nz):
+                if comp[i, j, k] != 0 or not (con[i, j, k] > vein_min):
+                    continue
+                label += 1
+                comp[i, j, k] = label
+                top = 0
+                stack[0, 0], stack[0, 1], stack[0, 2] = i, j, k
+                top = 1
+                nm = 0
+                far = False
+                while top > 0:
+                    top -= 1
+                    x, y, z = stack[top, 0], stack[top, 1], stack[top, 2]
+                    members[nm, 0], members[nm, 1], members[nm, 2] = x, y, z
+                    nm += 1
+                    if n_out[x, y, z] > c_vein:
+                        far = True
+                    for dx in range(-1, 2):
+                        xx = x + dx
+                        if xx < 0 or xx >= nx:
+                            continue
+                        for dy in range(-1, 2):
+                            yy = y + dy
+                            if yy < 0 or yy >= ny:
+                                continue
+                            for dz in range(-1, 2):
+                                zz = z + dz
+                                if zz < 0 or zz >= nz:
+                                    continue
+                                if comp[xx, yy, zz] == 0 and con[xx, yy, zz] > vein_min:
+                                    comp[xx, yy, zz] = label
+                                    stack[top, 0], stack[top, 1], stack[top, 2] = xx, yy, zz
+                                    top += 1
+                if far:
+                    any_vein = True
+                    for t in range(nm):
+                        vein0[members[t, 0], members[t, 1], members[t, 2]] = True
+    vein = np.zeros((nx, ny, nz), np.bool_)
+    if any_vein:  # 3x3x3 dilation within the box
+        for i in range(nx):
+            for j in range(ny):
+                for k in range(nz):
+                    if not vein0[i, j, k]:
+                        continue
+                    for xx in range(max(i - 1, 0), min(i + 2, nx)):
+                        for yy in range(max(j - 1, 0), min(j + 2, ny)):
+                            for zz in range(max(k - 1, 0), min(k + 2, nz)):
+                                vein[xx, yy, zz] = True
+    # regions: inner band (lesion edge), outer band (just outside), core
+    n_vein = 0
+    m = 0
+    for i in range(nx):
+        for j in range(ny):
+            for k in range(nz):
+                li = les[i, j, k]
+                inner = li and n_in[i, j, k] <= c_in
+                outer = (not li) and (not oth[i, j, k]) and n_out[i, j, k] <= c_le
+                if vein[i, j, k] and (li or outer):
+                    n_vein += 1
+                if li and not inner and not vein[i, j, k]:
+                    buf[m] = con[i, j, k]
+                    m += 1
+    core_ref = np.float64(_median32(buf[:m].copy())) if m else 0.0
+    ref = max(core_ref, 0.0)
+    # angular sectors per slice around the lesion's in-slice centroid (box coordinates)
+    cnt_l = np.zeros(nz, np.int64)
+    si = np.zeros(nz, np.int64)
+    sj = np.zeros(nz, np.int64)
+    for i in range(nx):
+        for j in range(ny):
+            for k in range(nz):
+                if les[i, j, k]:
+                    cnt_l[k] += 1
+                    si[k] += i
+                    sj[k] += j
+    nbin = nz * n_sectors
+    tot = np.zeros(nbin, np.int64)
+    cnt = np.zeros((2, nbin), np.int64)
+    sm = np.zeros((2, nbin))
+    two_pi = 2 * np.pi
+    for i in range(nx):
+        for j in range(ny):
+            for k in range(nz):
+                if cnt_l[k] == 0:
+                    continue
+                li = les[i, j, k]
+                if li:
+                    if n_in[i, j, k] > c_in:
+                        continue
+                elif oth[i, j, k] or n_out[i, j, k] > c_le:
+                    continue
+                ci = si[k] / cnt_l[k]
+                cj = sj[k] / cnt_l[k]
+                ang = np.arctan2(j - cj, i - ci)
+                sec = min(int((ang + np.pi) / two_pi * n_sectors), n_sectors - 1)
+                key = k * n_sectors + sec
+                tot[key] += 1
+                if not vein[i, j, k]:
+                    part = 0 if li else 1
+                    cnt[part, key] += 1
+                    sm[part, key] += con[i, j, k]
+    rim = np.empty(nbin)
+    n_has = 0
+    for b in range(nbin):
+        a_in = sm[0, b] / cnt[0, b] if cnt[0, b] > 0 else np.nan
+        a_out = sm[1, b] / cnt[1, b] if cnt[1, b] > 0 else np.nan
+        if np.isnan(a_in):
+            v = a_out
+        elif np.isnan(a_out):
+            v = a_in
+        else:
+            v = max(a_in, a_out)
+        rim[b] = v
+        if not np.isnan(v):
+            n_has += 1
+    has_vals = np.empty(n_has)
+    h = 0
+    for b in range(nbin):
+        if not np.isnan(rim[b]):
+            has_vals[h] = rim[b]
+            h += 1
+    cov = np.empty(nz)
+    nsl = 0
+    for k in range(nz):
+        if cnt_l[k] == 0:
+            continue
+        avail = 0
+        pos = 0
+        for s in range(n_sectors):
+            b = k * n_sectors + s
+            if tot[b] > 0:
+                avail += 1
+            if not np.isnan(rim[b]) and rim[b] - ref > rim_contrast:
+                pos += 1
+        cov[nsl] = pos / max(avail, 1) if avail >= min_sector_fraction * n_sectors else 0.0
+        nsl += 1
+    run_cov = 0.0
+    if nsl >= min_slices:
+        for s in range(nsl - min_slices + 1):
+            v = cov[s]
+            for t in range(1, min_slices):
+                v = min(v, cov[s + t])
+            if s == 0 or v > run_cov:
+                run_cov = v
+    max_cov = 0.0
+    for s in range(nsl):
+        if s == 0 or cov[s] > max_cov:
+            max_cov = cov[s]
+    rim_mean = _pairwise_sum(has_vals, 0, n_has) / n_has if n_has else 0.0
+    rim_minus_core = rim_mean - core_ref
+    call = run_cov >= coverage_min - 1e-9 and rim_minus_core > 0
+    res[0] = run_cov
+    res[1] = max_cov
+    res[2] = rim_mean
+    res[3] = core_ref
+    res[4] = np.float64(nawm)
+    res[5] = nsl
+    res[6] = n_vein
+    res[7] = 1.0 if call else 0.0
+
+
+@njit(cache=True, parallel=True)
+def _rule_batch(q, les, oth, has_oth, pad, t_out, t_in, cuts, n_sectors, rim_contrast,
+                coverage_min, min_slices, min_sector_fraction, vein_min, qsm_scale, res):
+    for b in prange(q.shape[0]):
+        _rule_one(q[b], les[b], oth[b], has_oth, pad, t_out, t_in, cuts[0], cuts[1], cuts[2],
+                  cuts[3], cuts[4], cuts[5], n_sectors, rim_contrast, coverage_min,
+                  min_slices, min_sector_fraction, vein_min, qsm_scale, res[b])
+
+
+def rule_features(qsm: np.ndarray, lesion: np.ndarray, others: np.ndarray | None, *,
+                  pad: int, t_out: int, t_in: int, cuts: tuple, n_sectors: int,
+                  rim_contrast_ppm: float, coverage_min: float, min_slices: int,
+                  min_sector_fraction: float, vein_min_ppm: float,
+                  qsm_scale: float) -> np.ndarray:
+    """Rule-based features of a stack of patches (:func:`rimnet.rule_based.rim_features`).
+
+    Parameters
+    ----------
+    qsm, lesion, others : ndarray of float32, shape (N, P, P, P)
+        The patches' ``qsm`` channel (ppm x ``qsm_scale``) and masks (``others`` optional).
+    pad, t_out, t_in : int
+        Box margin and the distance reaches (voxels) of ``rim_features``.
+    cuts : tuple of 6 ints
+        Integer squared-distance cut-offs (``rule_based._band_cutoffs``): band, NAWM inner,
+        NAWM outer, beyond the band, vein reach, inner band.
+    others
+        The remaining options of ``rim_features`` (slice axis 2).
+
+    Returns
+    -------
+    ndarray of float64, shape (N, 8)
+        run_coverage, max_coverage, rim_minus_nawm_ppm, core reference (ppm), nawm_ppm,
+        n_slices (-1: empty lesion mask), n_vein_voxels, rule_call.
+    """
+    n = len(qsm)
+    res = np.zeros((n, 8))
+    oth = lesion if others is None else others
+    _rule_batch(qsm, lesion, oth, others is not None, int(pad), int(t_out), int(t_in),
+                np.asarray(cuts, np.int64), int(n_sectors), float(rim_contrast_ppm),
+                float(coverage_min), int(min_slices), float(min_sector_fraction),
+                np.float32(vein_min_ppm), np.float32(qsm_scale), res)
+    return res

@@ -58,3 +58,34 @@ def test_flair_reference_in_qsm_mask_equals_the_masked_median(rng, shape, layout
     zero = np.zeros_like(qsm)
     assert (flair_reference_in_qsm_mask(flair, qsm=zero, lesion_labels=labels)
             == flair_reference(flair, lesion_labels=labels))
+
+
+@pytest.mark.parametrize("kw", [{}, {"spacing_mm": 4 / 3},
+                                {"spacing_mm": 0.5, "rim_inner_mm": 1.0, "nawm_outer_mm": 4.0},
+                                {"n_sectors": 8, "min_slices": 3, "vein_min_ppm": 0.05}])
+def test_compiled_rule_features_equal_the_numpy_path(rng, monkeypatch, kw):
+    import rimnet.rule_based as rb
+    from rimnet.patches import QSM_SCALE
+    from tests.rimnet.test_rule_based_fast import random_patches
+
+    X = np.concatenate([random_patches(rng, n=14), make_synthetic_patches(10, seed=5)[0]])
+    X[4, 2:] = 0  # an empty lesion channel
+    chi = X[:, 0] / QSM_SCALE
+    calls = []
+    compiled = rb._rim_features_compiled
+    monkeypatch.setattr(rb, "_rim_features_compiled",
+                        lambda *a, **k: calls.append(1) or compiled(*a, **k))
+    for others in (X[:, 3], None):
+        fast = rb.rim_features_batch(chi, X[:, 2], others, **kw)
+        monkeypatch.setattr(rb, "_COMPILED", False)
+        ref = rb.rim_features_batch(chi, X[:, 2], others, **kw)
+        monkeypatch.setattr(rb, "_COMPILED", True)
+        assert fast == ref  # every feature, bit for bit
+    assert len(calls) == 2
+    assert sum(f["rule_call"] for f in ref) > 0 and sum(f["n_vein_voxels"] for f in ref) > 0
+
+
+def test_pairwise_sum_is_numpys(rng):
+    for n in (0, 1, 5, 8, 9, 17, 127, 128, 129, 300, 1000, 4099):
+        a = rng.normal(size=n) * 10.0 ** rng.integers(-3, 4, n)
+        assert _kernels._pairwise_sum(a, 0, n) == np.add.reduce(a)
