@@ -49,9 +49,9 @@ from numba import prange
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
-__all__ = ["LOCK", "launch", "row_span", "dot", "axpy", "scal", "lsqr_update", "lsqr_update_group",
-           "weighted_residual", "spectrum_update", "scatter_scaled", "gather_update",
-           "gradient_residual"]
+__all__ = ["LOCK", "launch", "row_span", "dot", "axpy", "scal", "lsqr_update",
+           "lsqr_update_group", "weighted_residual", "spectrum_update", "scatter_scaled",
+           "gather_update", "gradient_residual"]
 
 LOCK = threading.Lock()
 """Serialises kernel launches (the ``workqueue`` layer is not thread-safe)."""
@@ -61,6 +61,8 @@ _SERIAL = dict(cache=True, fastmath={"reassoc"}, error_model="numpy")
 """Options of the one-thread helpers (``error_model="numpy"``: a division by zero gives
 inf/nan like numpy instead of a per-division check and exception, which would stop LLVM
 from vectorising the loop)."""
+_EXACT = dict(cache=True, error_model="numpy")
+"""Options of the helpers without reductions (IEEE float32 in the written order)."""
 
 _f32 = numba.float32
 _f64 = numba.float64
@@ -417,7 +419,7 @@ def _stencil_row(zc, zxm, zxp, zym, zyp, a0m, a0c, a1m, a1c, a2c, out):
         out[nz - 1] = out[nz - 1] + a2c[nz - 2] * (zc[nz - 1] - zc[nz - 2])
 
 
-_stencil_row = numba.njit(**_SERIAL)(_stencil_row)
+_stencil_row = numba.njit(**_EXACT)(_stencil_row)
 
 
 def _update_row(img, z, c32):
@@ -426,7 +428,7 @@ def _update_row(img, z, c32):
         z[k] = img[k] - z[k] * c32
 
 
-_update_row = numba.njit(**_SERIAL)(_update_row)
+_update_row = numba.njit(**_EXACT)(_update_row)
 
 
 def _update_plane(img, s0, s1, z, c32, spans, p):
@@ -438,7 +440,7 @@ def _update_plane(img, s0, s1, z, c32, spans, p):
             _update_row(img[b + k0: b + k1], z[p, j, k0:k1], c32)
 
 
-_update_plane = numba.njit(**_SERIAL)(_update_plane)
+_update_plane = numba.njit(**_EXACT)(_update_plane)
 
 
 def _stencil_plane(z, a0, a1, a2, out, s0, s1, spans, p):
@@ -461,7 +463,7 @@ def _stencil_plane(z, a0, a1, a2, out, s0, s1, spans, p):
     return s
 
 
-_stencil_plane = numba.njit(**_SERIAL)(_stencil_plane)
+_stencil_plane = numba.njit(**_EXACT)(_stencil_plane)
 
 
 @numba.njit(_f64(_flat, _i64, _i64, _cvol, _f64, numba.boolean, _f32[:, :, :, ::1], _flat,
