@@ -10,6 +10,8 @@ threads (:func:`set_threads`).
 
 from __future__ import annotations
 
+import sys
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -20,6 +22,23 @@ __all__ = ["set_threads", "shell_features"]
 def set_threads(n: int) -> None:
     """Use ``n`` numba worker threads (at most the number numba started with)."""
     numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+def _launch(kernel, *args):
+    """Run a parallel kernel, keeping torch's thread count.
+
+    numba's OpenMP layer sets the OpenMP thread count of the calling thread to its own,
+    which torch (same OpenMP runtime) then uses too: a torch set to 1 thread would run its
+    convolutions on 2 afterwards, and on a busy machine every OpenMP barrier waits for a
+    descheduled thread (~10 ms per operation). The count is put back after each launch.
+    """
+    torch = sys.modules.get("torch")
+    n = torch.get_num_threads() if torch is not None else None
+    try:
+        return kernel(*args)
+    finally:
+        if n is not None and torch.get_num_threads() != n:
+            torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- bit masks
@@ -267,8 +286,8 @@ def shell_features(x: np.ndarray, *, qsm_channel: int, lesion_channel: int,
     feats = np.zeros((n, 9), np.float32)
     refs = np.zeros(n, np.float32)
     oc = -1 if others_channel is None else int(others_channel)
-    _shell_batch(x, int(qsm_channel), int(lesion_channel), oc, np.float32(clip),
-                 np.float32(positive), feats, refs)
+    _launch(_shell_batch, x, int(qsm_channel), int(lesion_channel), oc, np.float32(clip),
+            np.float32(positive), feats, refs)
     return feats, refs
 
 
@@ -435,10 +454,9 @@ def gather_linear(vol: np.ndarray, starts: np.ndarray, weights: np.ndarray, rows
     (normalise the block, then ``a + (b - a) * w`` along x, y and z), hence the same bits.
     """
     v, flip = _c_view(vol)
-    _gather_linear(v, flip, np.ascontiguousarray(starts, np.int64),
-                   np.ascontiguousarray(weights, np.float32), np.asarray(rows, np.int64),
-                   int(channel), bool(divide), np.float32(scale), np.float32(lo),
-                   np.float32(hi), out)
+    _launch(_gather_linear, v, flip, np.ascontiguousarray(starts, np.int64),
+            np.ascontiguousarray(weights, np.float32), np.asarray(rows, np.int64), int(channel),
+            bool(divide), np.float32(scale), np.float32(lo), np.float32(hi), out)
 
 
 def gather_masks(labels: np.ndarray, starts: np.ndarray, ids: np.ndarray, rows: np.ndarray,
@@ -452,10 +470,10 @@ def gather_masks(labels: np.ndarray, starts: np.ndarray, ids: np.ndarray, rows: 
     label (either channel None: not written).
     """
     v, flip = _c_view(labels)
-    _gather_masks(v, flip, np.ascontiguousarray(starts, np.int64), np.asarray(ids, np.int64),
-                  np.asarray(rows, np.int64),
-                  -1 if lesion_channel is None else int(lesion_channel),
-                  -1 if others_channel is None else int(others_channel), out)
+    _launch(_gather_masks, v, flip, np.ascontiguousarray(starts, np.int64),
+            np.asarray(ids, np.int64), np.asarray(rows, np.int64),
+            -1 if lesion_channel is None else int(lesion_channel),
+            -1 if others_channel is None else int(others_channel), out)
 
 
 # ----------------------------------------------------------------------------- references
@@ -524,35 +542,59 @@ _BIG = 1 << 20  # "no lesion voxel within reach" in squared-distance maps
 
 
 @njit(cache=True)
-def _min_plus(d, lo, hi, t_max):
-    """Separable min-plus passes (offsets up to ``t_max``) over the sub-box ``[lo, hi)``."""
+def _min_plus_line(line, out, n, t_max, big):
+    """``out[x] = min_{|t| <= t_max} line[x + t] + t^2`` (0 <= x + t < n)."""
+    for x in range(n):
+        out[x] = line[x]
+    for t in range(1, min(t_max, n - 1) + 1):
+        w = t * t
+        for x in range(t, n):
+            v = line[x - t] + w
+            if v < out[x]:
+                out[x] = v
+        for x in range(n - t):
+            v = line[x + t] + w
+            if v < out[x]:
+                out[x] = v
+
+
+@njit(cache=True)
+def _min_plus(d, lo, hi, t_max, big):
+    """Separable min-plus passes (offsets up to ``t_max``) over the sub-box ``[lo, hi)``.
+
+    ``d`` holds 0 at the seed voxels and ``big`` elsewhere; the result is, everywhere in
+    the sub-box, the smallest ``a^2 + b^2 + c^2`` over seeds at offsets ``(a, b, c)`` with
+    each ``|offset| <= t_max`` (``big`` if none), as ``rule_based._min_plus_passes``.
+    """
+    nmax = max(hi[0] - lo[0], hi[1] - lo[1], hi[2] - lo[2])
+    line = np.empty(nmax, d.dtype)
+    res = np.empty(nmax, d.dtype)
     for axis in range(3):
         n = hi[axis] - lo[axis]
-        line = np.empty(n, np.int64)
         a1, a2 = (1, 2) if axis == 0 else ((0, 2) if axis == 1 else (0, 1))
         for u in range(lo[a1], hi[a1]):
             for v in range(lo[a2], hi[a2]):
+                empty = True
                 for x in range(n):
                     if axis == 0:
-                        line[x] = d[lo[0] + x, u, v]
+                        val = d[lo[0] + x, u, v]
                     elif axis == 1:
-                        line[x] = d[u, lo[1] + x, v]
+                        val = d[u, lo[1] + x, v]
                     else:
-                        line[x] = d[u, v, lo[2] + x]
+                        val = d[u, v, lo[2] + x]
+                    line[x] = val
+                    if val < big:
+                        empty = False
+                if empty:  # nothing within reach on this line: it stays big
+                    continue
+                _min_plus_line(line, res, n, t_max, big)
                 for x in range(n):
-                    m = line[x]
-                    for t in range(1, t_max + 1):
-                        w = t * t
-                        if x - t >= 0 and line[x - t] + w < m:
-                            m = line[x - t] + w
-                        if x + t < n and line[x + t] + w < m:
-                            m = line[x + t] + w
                     if axis == 0:
-                        d[lo[0] + x, u, v] = m
+                        d[lo[0] + x, u, v] = res[x]
                     elif axis == 1:
-                        d[u, lo[1] + x, v] = m
+                        d[u, lo[1] + x, v] = res[x]
                     else:
-                        d[u, v, lo[2] + x] = m
+                        d[u, v, lo[2] + x] = res[x]
 
 
 @njit(cache=True)
@@ -671,7 +713,7 @@ def _rule_one(q, les_p, oth_p, has_oth, pad, t_out, t_in, c_le, c_nawm_in, c_naw
     llo = lo - b0  # lesion bounding box in box coordinates
     lhi = hi - b0 + 1
     # squared distances (voxels) to the lesion, within t_out of its bounding box
-    n_out = np.full((nx, ny, nz), _BIG, np.int64)
+    n_out = np.full((nx, ny, nz), _BIG, np.int32)
     rlo = np.empty(3, np.int64)
     rhi = np.empty(3, np.int64)
     for a in range(3):
@@ -682,9 +724,9 @@ def _rule_one(q, les_p, oth_p, has_oth, pad, t_out, t_in, c_le, c_nawm_in, c_naw
             for k in range(rlo[2], rhi[2]):
                 if les[i, j, k]:
                     n_out[i, j, k] = 0
-    _min_plus(n_out, rlo, rhi, t_out)
+    _min_plus(n_out, rlo, rhi, t_out, _BIG)
     # squared distances of lesion voxels to the nearest non-lesion voxel (bbox + 1)
-    n_in = np.full((nx, ny, nz), _BIG, np.int64)
+    n_in = np.full((nx, ny, nz), _BIG, np.int32)
     for a in range(3):
         rlo[a] = max(llo[a] - 1, 0)
         rhi[a] = min(lhi[a] + 1, sz[a])
@@ -693,7 +735,7 @@ def _rule_one(q, les_p, oth_p, has_oth, pad, t_out, t_in, c_le, c_nawm_in, c_naw
             for k in range(rlo[2], rhi[2]):
                 if not les[i, j, k]:
                     n_in[i, j, k] = 0
-    _min_plus(n_in, rlo, rhi, t_in)
+    _min_plus(n_in, rlo, rhi, t_in, _BIG)
     # NAWM reference: median QSM of the ring (or, without one, of everything beyond the band)
     nvox = nx * ny * nz
     buf = np.empty(nvox, np.float32)
@@ -925,8 +967,8 @@ def rule_features(qsm: np.ndarray, lesion: np.ndarray, others: np.ndarray | None
     n = len(qsm)
     res = np.zeros((n, 8))
     oth = lesion if others is None else others
-    _rule_batch(qsm, lesion, oth, others is not None, int(pad), int(t_out), int(t_in),
-                np.asarray(cuts, np.int64), int(n_sectors), float(rim_contrast_ppm),
-                float(coverage_min), int(min_slices), float(min_sector_fraction),
-                np.float32(vein_min_ppm), np.float32(qsm_scale), res)
+    _launch(_rule_batch, qsm, lesion, oth, others is not None, int(pad), int(t_out), int(t_in),
+            np.asarray(cuts, np.int64), int(n_sectors), float(rim_contrast_ppm),
+            float(coverage_min), int(min_slices), float(min_sector_fraction),
+            np.float32(vein_min_ppm), np.float32(qsm_scale), res)
     return res

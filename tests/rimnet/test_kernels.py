@@ -89,3 +89,17 @@ def test_pairwise_sum_is_numpys(rng):
     for n in (0, 1, 5, 8, 9, 17, 127, 128, 129, 300, 1000, 4099):
         a = rng.normal(size=n) * 10.0 ** rng.integers(-3, 4, n)
         assert _kernels._pairwise_sum(a, 0, n) == np.add.reduce(a)
+
+
+def test_kernels_keep_torchs_thread_count():
+    # numba's OpenMP layer would otherwise leave torch on numba's thread count
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _kernels.set_threads(2)
+        x, _ = make_synthetic_patches(4, patch_voxels=16)
+        _kernels.shell_features(x, qsm_channel=0, lesion_channel=2, others_channel=3,
+                                clip=1.0, positive=0.1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
