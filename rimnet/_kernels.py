@@ -21,21 +21,22 @@ __all__ = ["set_threads", "shell_features"]
 
 def set_threads(n: int) -> None:
     """Use ``n`` numba worker threads (at most the number numba started with)."""
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    _launch(numba.set_num_threads, max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
 
 
-def _launch(kernel, *args):
-    """Run a parallel kernel, keeping torch's thread count.
+def _launch(fn, *args):
+    """Call ``fn`` (a parallel kernel, or numba's thread setting), keeping torch's threads.
 
-    numba's OpenMP layer sets the OpenMP thread count of the calling thread to its own,
-    which torch (same OpenMP runtime) then uses too: a torch set to 1 thread would run its
-    convolutions on 2 afterwards, and on a busy machine every OpenMP barrier waits for a
-    descheduled thread (~10 ms per operation). The count is put back after each launch.
+    numba's OpenMP layer sets the OpenMP thread count of the calling thread to its own
+    (when it starts its pool and at launches), and torch, on the same OpenMP runtime, then
+    uses that count too: a torch set to 1 thread would run its convolutions on 2, and on a
+    busy machine every OpenMP barrier waits for a descheduled thread (~10 ms per
+    operation). The count is put back after each call.
     """
     torch = sys.modules.get("torch")
     n = torch.get_num_threads() if torch is not None else None
     try:
-        return kernel(*args)
+        return fn(*args)
     finally:
         if n is not None and torch.get_num_threads() != n:
             torch.set_num_threads(n)

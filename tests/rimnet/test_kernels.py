@@ -97,6 +97,9 @@ def test_kernels_keep_torchs_thread_count():
     try:
         torch.set_num_threads(1)
         _kernels.set_threads(2)
+        assert torch.get_num_threads() == 1
+        _kernels.set_threads(1)
+        assert torch.get_num_threads() == 1
         x, _ = make_synthetic_patches(4, patch_voxels=16)
         _kernels.shell_features(x, qsm_channel=0, lesion_channel=2, others_channel=3,
                                 clip=1.0, positive=0.1)
