@@ -477,8 +477,11 @@ def _rim_features_compiled(chi_ppm, lesion, others, *, spacing_mm: float = 1.0,
                            coverage_min: float = 2 / 3, min_slices: int = 2,
                            min_sector_fraction: float = 0.5, vein_min_ppm: float = 0.10,
                            vein_reach_mm: float = 3.0, contrast_scale_ppm: float = 0.02,
-                           slice_axis: int = 2) -> list[dict] | None:
+                           slice_axis: int = 2, qsm_scale: float = 1.0) -> list[dict] | None:
     """:func:`rim_features_batch` by the compiled kernel, or None where it does not apply.
+
+    ``chi_ppm`` may instead be susceptibility times ``qsm_scale`` (float32), which the kernel
+    divides by ``np.float32(qsm_scale)`` as numpy would.
 
     The kernel runs the steps of :func:`rim_features` lesion by lesion with the same
     float32/float64 operations in the same order (integer distance tests, exact medians,
@@ -508,7 +511,7 @@ def _rim_features_compiled(chi_ppm, lesion, others, *, spacing_mm: float = 1.0,
         cuts=(*cut_out, cut_in[0]), n_sectors=int(n_sectors),
         rim_contrast_ppm=rim_contrast_ppm, coverage_min=coverage_min,
         min_slices=int(min_slices), min_sector_fraction=min_sector_fraction,
-        vein_min_ppm=vein_min_ppm, qsm_scale=1.0)
+        vein_min_ppm=vein_min_ppm, qsm_scale=qsm_scale)
     out = []
     for run_cov, max_cov, rim_mean, core_ref, nawm, n_sl, n_vein, call in res:
         if n_sl < 0:
@@ -806,9 +809,16 @@ class RuleBasedRimDetector(ClassifierMixin, BaseEstimator):
             "rim_inner_mm", "rim_outer_mm", "nawm_inner_mm", "nawm_outer_mm", "n_sectors",
             "rim_contrast_ppm", "coverage_min", "min_slices", "min_sector_fraction",
             "vein_min_ppm", "vein_reach_mm", "contrast_scale_ppm", "slice_axis")}
-        rows = rim_features_batch(X[:, iq] / QSM_SCALE, X[:, il],
-                                  X[:, io] if io is not None else None, spacing_mm=spacing,
-                                  **kw)
+        others = X[:, io] if io is not None else None
+        rows = None
+        if _COMPILED and X.dtype == np.float32 and len(X):
+            # the kernel divides by QSM_SCALE itself (the same float32 division), which
+            # saves a copy of the QSM channel
+            rows = _rim_features_compiled(X[:, iq], X[:, il], others, qsm_scale=QSM_SCALE,
+                                          spacing_mm=spacing, **kw)
+        if rows is None:
+            rows = rim_features_batch(X[:, iq] / QSM_SCALE, X[:, il], others,
+                                      spacing_mm=spacing, **kw)
         return pd.DataFrame(rows, columns=list(FEATURE_NAMES))
 
     # -- estimator API --------------------------------------------------------------------
