@@ -36,7 +36,10 @@ def _launch(fn, *args):
     torch = sys.modules.get("torch")
     n = torch.get_num_threads() if torch is not None else None
     try:
-        return fn(*args)
+        # one lesion per scheduling chunk: lesions differ in cost, so threads take them
+        # one at a time instead of fixed halves of the list
+        with numba.parallel_chunksize(1):
+            return fn(*args)
     finally:
         if n is not None and torch.get_num_threads() != n:
             torch.set_num_threads(n)
@@ -560,6 +563,22 @@ def _min_plus_line(line, out, n, t_max, big):
 
 
 @njit(cache=True)
+def _seed_line(line, out, n, t_max, big):
+    """:func:`_min_plus_line` of a line of seeds (0) and ``big``, by two scans."""
+    last = -(1 << 30)
+    for x in range(n):  # distance to the nearest seed at or before x
+        if line[x] == 0:
+            last = x
+        out[x] = x - last
+    last = 1 << 30
+    for x in range(n - 1, -1, -1):  # ... or after it
+        if line[x] == 0:
+            last = x
+        t = min(out[x], last - x)
+        out[x] = t * t if t <= t_max else big
+
+
+@njit(cache=True)
 def _min_plus(d, lo, hi, t_max, big):
     """Separable min-plus passes (offsets up to ``t_max``) over the sub-box ``[lo, hi)``.
 
@@ -588,7 +607,10 @@ def _min_plus(d, lo, hi, t_max, big):
                         empty = False
                 if empty:  # nothing within reach on this line: it stays big
                     continue
-                _min_plus_line(line, res, n, t_max, big)
+                if axis == 0:  # seeds only (0 or big): distance to the nearest seed
+                    _seed_line(line, res, n, t_max, big)
+                else:
+                    _min_plus_line(line, res, n, t_max, big)
                 for x in range(n):
                     if axis == 0:
                         d[lo[0] + x, u, v] = res[x]
@@ -699,9 +721,18 @@ def _rule_one(q, les_p, oth_p, has_oth, pad, t_out, t_in, c_le, c_nawm_in, c_naw
         b0[a] = max(lo[a] - pad, 0)
         sz[a] = min(hi[a] + pad + 1, q.shape[a]) - b0[a]
     nx, ny, nz = sz[0], sz[1], sz[2]
-    les = np.zeros((nx, ny, nz), np.bool_)
+    llo = lo - b0  # lesion bounding box in box coordinates
+    lhi = hi - b0 + 1
+    # one pass: the box's masks and QSM, the seeds of both distance maps, and per slice
+    # the lesion's voxel count and index sums (for its in-slice centroid)
+    les = np.empty((nx, ny, nz), np.bool_)
     oth = np.zeros((nx, ny, nz), np.bool_)
     chi = np.empty((nx, ny, nz), np.float32)
+    n_out = np.empty((nx, ny, nz), np.int32)
+    n_in = np.empty((nx, ny, nz), np.int32)
+    cnt_l = np.zeros(nz, np.int64)
+    si = np.zeros(nz, np.int64)
+    sj = np.zeros(nz, np.int64)
     for i in range(nx):
         for j in range(ny):
             for k in range(nz):
@@ -711,31 +742,27 @@ def _rule_one(q, les_p, oth_p, has_oth, pad, t_out, t_in, c_le, c_nawm_in, c_naw
                 if has_oth:
                     oth[i, j, k] = (oth_p[gi, gj, gk] > 0.5) and not li
                 chi[i, j, k] = q[gi, gj, gk] / qsm_scale
-    llo = lo - b0  # lesion bounding box in box coordinates
-    lhi = hi - b0 + 1
-    # squared distances (voxels) to the lesion, within t_out of its bounding box
-    n_out = np.full((nx, ny, nz), _BIG, np.int32)
+                if li:
+                    n_out[i, j, k] = 0
+                    n_in[i, j, k] = _BIG
+                    cnt_l[k] += 1
+                    si[k] += i
+                    sj[k] += j
+                else:
+                    n_out[i, j, k] = _BIG
+                    n_in[i, j, k] = 0
+    # squared distances (voxels) to the lesion, within t_out of its bounding box (beyond
+    # it no lesion voxel is within reach: the seeds alone give the same), and of lesion
+    # voxels to the nearest non-lesion voxel of the bounding box plus one
     rlo = np.empty(3, np.int64)
     rhi = np.empty(3, np.int64)
     for a in range(3):
         rlo[a] = max(llo[a] - t_out, 0)
         rhi[a] = min(lhi[a] + t_out, sz[a])
-    for i in range(rlo[0], rhi[0]):
-        for j in range(rlo[1], rhi[1]):
-            for k in range(rlo[2], rhi[2]):
-                if les[i, j, k]:
-                    n_out[i, j, k] = 0
     _min_plus(n_out, rlo, rhi, t_out, _BIG)
-    # squared distances of lesion voxels to the nearest non-lesion voxel (bbox + 1)
-    n_in = np.full((nx, ny, nz), _BIG, np.int32)
     for a in range(3):
         rlo[a] = max(llo[a] - 1, 0)
         rhi[a] = min(lhi[a] + 1, sz[a])
-    for i in range(rlo[0], rhi[0]):
-        for j in range(rlo[1], rhi[1]):
-            for k in range(rlo[2], rhi[2]):
-                if not les[i, j, k]:
-                    n_in[i, j, k] = 0
     _min_plus(n_in, rlo, rhi, t_in, _BIG)
     # NAWM reference: median QSM of the ring (or, without one, of everything beyond the band)
     nvox = nx * ny * nz
@@ -756,26 +783,24 @@ def _rule_one(q, les_p, oth_p, has_oth, pad, t_out, t_in, c_le, c_nawm_in, c_naw
                         buf[m] = chi[i, j, k]
                         m += 1
     nawm = _median32(buf[:m].copy()) if m else np.float32(0.0)
-    con = np.empty((nx, ny, nz), np.float32)
-    for i in range(nx):
-        for j in range(ny):
-            for k in range(nz):
-                con[i, j, k] = chi[i, j, k] - nawm
-    # vein suppression: 26-connected bright components reaching beyond vein_mm
+    # vein suppression: 26-connected bright components (contrast chi - nawm > vein_min)
+    # reaching beyond vein_mm
     comp = np.zeros((nx, ny, nz), np.int32)
     vein0 = np.zeros((nx, ny, nz), np.bool_)
-    stack = np.empty((nvox, 3), np.int64)
-    members = np.empty((nvox, 3), np.int64)
+    stack = np.empty((0, 3), np.int32)  # allocated at the first bright voxel
+    members = np.empty((0, 3), np.int32)
     label = 0
     any_vein = False
     for i in range(nx):
         for j in range(ny):
             for k in range(nz):
-                if comp[i, j, k] != 0 or not (con[i, j, k] > vein_min):
+                if comp[i, j, k] != 0 or not (chi[i, j, k] - nawm > vein_min):
                     continue
+                if label == 0:
+                    stack = np.empty((nvox, 3), np.int32)
+                    members = np.empty((nvox, 3), np.int32)
                 label += 1
                 comp[i, j, k] = label
-                top = 0
                 stack[0, 0], stack[0, 1], stack[0, 2] = i, j, k
                 top = 1
                 nm = 0
@@ -787,19 +812,10 @@ def _rule_one(q, les_p, oth_p, has_oth, pad, t_out, t_in, c_le, c_nawm_in, c_naw
                     nm += 1
                     if n_out[x, y, z] > c_vein:
                         far = True
-                    for dx in range(-1, 2):
-                        xx = x + dx
-                        if xx < 0 or xx >= nx:
-                            continue
-                        for dy in range(-1, 2):
-                            yy = y + dy
-                            if yy < 0 or yy >= ny:
-                                continue
-                            for dz in range(-1, 2):
-                                zz = z + dz
-                                if zz < 0 or zz >= nz:
-                                    continue
-                                if comp[xx, yy, zz] == 0 and con[xx, yy, zz] > vein_min:
+                    for xx in range(max(x - 1, 0), min(x + 2, nx)):
+                        for yy in range(max(y - 1, 0), min(y + 2, ny)):
+                            for zz in range(max(z - 1, 0), min(z + 2, nz)):
+                                if comp[xx, yy, zz] == 0 and chi[xx, yy, zz] - nawm > vein_min:
                                     comp[xx, yy, zz] = label
                                     stack[top, 0], stack[top, 1], stack[top, 2] = xx, yy, zz
                                     top += 1
@@ -818,48 +834,34 @@ def _rule_one(q, les_p, oth_p, has_oth, pad, t_out, t_in, c_le, c_nawm_in, c_naw
                         for yy in range(max(j - 1, 0), min(j + 2, ny)):
                             for zz in range(max(k - 1, 0), min(k + 2, nz)):
                                 vein[xx, yy, zz] = True
-    # regions: inner band (lesion edge), outer band (just outside), core
+    # one pass over the regions: inner band (lesion edge), outer band (just outside) and
+    # core; vein voxels in them; core contrasts; per slice and angular sector the band's
+    # voxel count and, vein voxels left out, the inner and outer contrast sums (in voxel
+    # order, as np.bincount adds them)
+    nbin = nz * n_sectors
+    tot = np.zeros(nbin, np.int64)
+    cnt = np.zeros((2, nbin), np.int64)
+    sm = np.zeros((2, nbin))
+    two_pi = 2 * np.pi
     n_vein = 0
     m = 0
     for i in range(nx):
         for j in range(ny):
             for k in range(nz):
                 li = les[i, j, k]
-                inner = li and n_in[i, j, k] <= c_in
-                outer = (not li) and (not oth[i, j, k]) and n_out[i, j, k] <= c_le
-                if vein[i, j, k] and (li or outer):
-                    n_vein += 1
-                if li and not inner and not vein[i, j, k]:
-                    buf[m] = con[i, j, k]
-                    m += 1
-    core_ref = np.float64(_median32(buf[:m].copy())) if m else 0.0
-    ref = max(core_ref, 0.0)
-    # angular sectors per slice around the lesion's in-slice centroid (box coordinates)
-    cnt_l = np.zeros(nz, np.int64)
-    si = np.zeros(nz, np.int64)
-    sj = np.zeros(nz, np.int64)
-    for i in range(nx):
-        for j in range(ny):
-            for k in range(nz):
-                if les[i, j, k]:
-                    cnt_l[k] += 1
-                    si[k] += i
-                    sj[k] += j
-    nbin = nz * n_sectors
-    tot = np.zeros(nbin, np.int64)
-    cnt = np.zeros((2, nbin), np.int64)
-    sm = np.zeros((2, nbin))
-    two_pi = 2 * np.pi
-    for i in range(nx):
-        for j in range(ny):
-            for k in range(nz):
-                if cnt_l[k] == 0:
-                    continue
-                li = les[i, j, k]
                 if li:
-                    if n_in[i, j, k] > c_in:
-                        continue
+                    band = n_in[i, j, k] <= c_in
                 elif oth[i, j, k] or n_out[i, j, k] > c_le:
+                    continue
+                else:
+                    band = True
+                vi = vein[i, j, k]
+                if vi:
+                    n_vein += 1
+                if li and not band and not vi:
+                    buf[m] = chi[i, j, k] - nawm
+                    m += 1
+                if not band or cnt_l[k] == 0:
                     continue
                 ci = si[k] / cnt_l[k]
                 cj = sj[k] / cnt_l[k]
@@ -867,10 +869,12 @@ def _rule_one(q, les_p, oth_p, has_oth, pad, t_out, t_in, c_le, c_nawm_in, c_naw
                 sec = min(int((ang + np.pi) / two_pi * n_sectors), n_sectors - 1)
                 key = k * n_sectors + sec
                 tot[key] += 1
-                if not vein[i, j, k]:
+                if not vi:
                     part = 0 if li else 1
                     cnt[part, key] += 1
-                    sm[part, key] += con[i, j, k]
+                    sm[part, key] += chi[i, j, k] - nawm
+    core_ref = np.float64(_median32(buf[:m].copy())) if m else 0.0
+    ref = max(core_ref, 0.0)
     rim = np.empty(nbin)
     n_has = 0
     for b in range(nbin):
