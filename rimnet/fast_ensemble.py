@@ -521,7 +521,7 @@ class GroupedEnsemble:
         does not handle them.
     """
 
-    def __init__(self, nets: Sequence[nn.Module], *, batch_size: int = 16):
+    def __init__(self, nets: Sequence[nn.Module], *, batch_size: int = 32):
         if not nets:
             raise ValueError("GroupedEnsemble needs at least one network")
         if any(net.training for net in nets):
