@@ -486,29 +486,34 @@ def _at(a, flip, i, j, k):
     return a[k, j, i] if flip else a[i, j, k]
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _reference_values(flair, f_flip, qsm, q_flip, labels, l_flip, shape, step):
     n0, n1, n2 = shape
     m0, m1, m2 = (n0 + step - 1) // step, (n1 + step - 1) // step, (n2 + step - 1) // step
-    vals = np.empty(m0 * m1 * m2, flair.dtype)
-    n = 0
-    if f_flip:  # loop in the flair volume's memory order
-        for kk in range(m2):
-            for jj in range(m1):
-                for ii in range(m0):
-                    i, j, k = ii * step, jj * step, kk * step
-                    if _at(qsm, q_flip, i, j, k) != 0 and _at(labels, l_flip, i, j, k) == 0:
-                        vals[n] = flair[k, j, i]
-                        n += 1
-    else:
-        for ii in range(m0):
-            for jj in range(m1):
-                for kk in range(m2):
-                    i, j, k = ii * step, jj * step, kk * step
-                    if _at(qsm, q_flip, i, j, k) != 0 and _at(labels, l_flip, i, j, k) == 0:
-                        vals[n] = flair[i, j, k]
-                        n += 1
-    return vals[:n]
+    # the flair volume's slowest axis outermost; each outer index fills its own segment
+    n_outer = m2 if f_flip else m0
+    cap = m0 * m1 * m2 // n_outer
+    vals = np.empty(n_outer * cap, flair.dtype)
+    counts = np.zeros(n_outer, np.int64)
+    for o in prange(n_outer):
+        n = o * cap
+        for jj in range(m1):
+            for ii in range(m0 if f_flip else m2):
+                if f_flip:  # (z, y, x) memory order: x fastest
+                    i, j, k = ii * step, jj * step, o * step
+                else:
+                    i, j, k = o * step, jj * step, ii * step
+                if _at(qsm, q_flip, i, j, k) != 0 and _at(labels, l_flip, i, j, k) == 0:
+                    vals[n] = _at(flair, f_flip, i, j, k)
+                    n += 1
+        counts[o] = n - o * cap
+    total = 0
+    for o in range(n_outer):  # compact the segments
+        c = counts[o]
+        for t in range(c):
+            vals[total + t] = vals[o * cap + t]
+        total += c
+    return vals[:total]
 
 
 @njit(cache=True)
@@ -531,8 +536,8 @@ def reference_values(flair: np.ndarray, qsm: np.ndarray, labels: np.ndarray,
     if not all(v.flags.c_contiguous for v, _ in views):  # pragma: no cover - _c_view copies
         raise ValueError("volumes must be C- or Fortran-contiguous")
     (f, ff), (q, qf), (la, lf) = views
-    return _reference_values(f, ff, q, qf, la, lf, tuple(int(s) for s in flair.shape),
-                             int(step))
+    return _launch(_reference_values, f, ff, q, qf, la, lf,
+                   tuple(int(s) for s in flair.shape), int(step))
 
 
 def any_nonzero(a: np.ndarray) -> bool:
