@@ -601,9 +601,13 @@ def _common_shells(nets: Sequence[nn.Module]):
 
 
 def fingerprint(nets: Sequence[nn.Module]) -> tuple:
-    """Identity and in-place-update counters of the networks' tensors (a cache key)."""
-    return tuple((id(net), tuple(t._version for t in net.state_dict().values()))
-                 for net in nets)
+    """Identity and in-place-update counters of the networks' tensors (a cache key).
+
+    Read from the parameters and buffers themselves (``state_dict`` would build detached
+    copies of every tensor at each call, ~1 ms per ensemble).
+    """
+    return tuple((id(net), tuple((id(t), t._version) for t in net.parameters()),
+                  tuple((id(t), t._version) for t in net.buffers())) for net in nets)
 
 
 def checked_stacked_ensemble(nets: Sequence[nn.Module], example: torch.Tensor, *,
