@@ -3,18 +3,31 @@
 Private helpers of :mod:`rimnet.patches`, :mod:`rimnet.fast_ensemble` and
 :mod:`rimnet.rule_based`; each computes what a readable numpy/torch reference computes
 (the equivalence is a test in ``tests/rimnet/test_kernels.py``), in one pass over the data
-instead of dozens of whole-array operations. Compiled on first use and cached on disk
-(``cache=True``). Kernels marked parallel split their work over lesions on numba's worker
-threads (:func:`set_threads`).
+instead of dozens of whole-array operations. Compiled on first use (~40 s once) and cached
+on disk (``cache=True``). Kernels marked parallel split their work over lesions on numba's
+worker threads (:func:`set_threads`).
+
+Threads: numba's ``workqueue`` layer unless ``NUMBA_THREADING_LAYER`` says otherwise, as in
+:mod:`qsm_core.inversion._kernels` (the layer is process-wide): its workers sleep between
+launches instead of spin-waiting on the cores torch needs next, and it survives forks, but
+it is not thread-safe, so launches are serialised (:func:`_launch`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 
 import numba
 import numpy as np
 from numba import njit, prange
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+_LOCK = threading.Lock()
+"""Serialises this module's launches (the ``workqueue`` layer is not thread-safe)."""
 
 __all__ = ["set_threads", "shell_features"]
 
@@ -27,18 +40,19 @@ def set_threads(n: int) -> None:
 def _launch(fn, *args):
     """Call ``fn`` (a parallel kernel, or numba's thread setting), keeping torch's threads.
 
-    numba's OpenMP layer sets the OpenMP thread count of the calling thread to its own
-    (when it starts its pool and at launches), and torch, on the same OpenMP runtime, then
-    uses that count too: a torch set to 1 thread would run its convolutions on 2, and on a
-    busy machine every OpenMP barrier waits for a descheduled thread (~10 ms per
-    operation). The count is put back after each call.
+    Launches are serialised. With numba's OpenMP layer (``NUMBA_THREADING_LAYER=omp``),
+    numba sets the OpenMP thread count of the calling thread to its own (when it starts
+    its pool and at launches), and torch, on the same OpenMP runtime, then uses that count
+    too: a torch set to 1 thread would run its convolutions on 2, and on a busy machine
+    every OpenMP barrier waits for a descheduled thread (~10 ms per operation). The count
+    is put back after each call.
     """
     torch = sys.modules.get("torch")
     n = torch.get_num_threads() if torch is not None else None
     try:
         # one lesion per scheduling chunk: lesions differ in cost, so threads take them
         # one at a time instead of fixed halves of the list
-        with numba.parallel_chunksize(1):
+        with _LOCK, numba.parallel_chunksize(1):
             return fn(*args)
     finally:
         if n is not None and torch.get_num_threads() != n:

@@ -106,3 +106,15 @@ def test_kernels_keep_torchs_thread_count():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(n)
+
+
+def test_concurrent_launches_from_threads_are_safe():
+    # the workqueue layer aborts the process on concurrent launches; _launch serialises them
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, _ = make_synthetic_patches(6, patch_voxels=16)
+    kw = dict(qsm_channel=0, lesion_channel=2, others_channel=3, clip=1.0, positive=0.1)
+    ref = _kernels.shell_features(x, **kw)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: _kernels.shell_features(x, **kw), range(8)))
+    assert all(np.array_equal(f, ref[0]) and np.array_equal(r, ref[1]) for f, r in outs)
