@@ -10,24 +10,23 @@ worker threads (:func:`set_threads`).
 Threads: numba's ``workqueue`` layer unless ``NUMBA_THREADING_LAYER`` says otherwise, as in
 :mod:`qsm_core.inversion._kernels` (the layer is process-wide): its workers sleep between
 launches instead of spin-waiting on the cores torch needs next, and it survives forks, but
-it is not thread-safe, so launches are serialised (:func:`_launch`).
+it is not thread-safe, so launches are serialised (:func:`_launch`, with the lock of
+:mod:`qsm_core.inversion._kernels`, so QSM and rim kernels never launch at once).
 """
 
 from __future__ import annotations
 
-import os
 import sys
-import threading
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+from qsm_core.inversion._kernels import LOCK as _LOCK
 
-_LOCK = threading.Lock()
-"""Serialises this module's launches (the ``workqueue`` layer is not thread-safe)."""
+# One process-wide layer and one lock for every numba launch of the project: importing
+# qsm_core's kernels selects the ``workqueue`` layer (unless NUMBA_THREADING_LAYER is set),
+# and its LOCK (_LOCK here) serialises launches from any thread, QSM and rim kernels alike.
 
 __all__ = ["set_threads", "shell_features"]
 
@@ -40,7 +39,8 @@ def set_threads(n: int) -> None:
 def _launch(fn, *args):
     """Call ``fn`` (a parallel kernel, or numba's thread setting), keeping torch's threads.
 
-    Launches are serialised. With numba's OpenMP layer (``NUMBA_THREADING_LAYER=omp``),
+    Launches are serialised with qsm_core's (one lock for the process). With numba's
+    OpenMP layer (``NUMBA_THREADING_LAYER=omp``),
     numba sets the OpenMP thread count of the calling thread to its own (when it starts
     its pool and at launches), and torch, on the same OpenMP runtime, then uses that count
     too: a torch set to 1 thread would run its convolutions on 2, and on a busy machine
