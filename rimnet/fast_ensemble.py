@@ -30,6 +30,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from rimnet.network import common_shells
+
 __all__ = ["max_pool3d_k3s2p1", "prepare_for_inference", "StackedEnsemble"]
 
 log = logging.getLogger(__name__)
@@ -231,7 +233,7 @@ class StackedEnsemble:
             return functional_call(base, state, args)
 
         self._batched = torch.vmap(one, in_dims=(0, None))
-        self._shells = _common_shells(nets)
+        self._shells = common_shells(nets)
 
     def shell_features(self, x: torch.Tensor):
         """The networks' shared shell features of ``x`` (``(features, reference)``), or None.
@@ -533,7 +535,7 @@ class GroupedEnsemble:
             raise ValueError(f"no grouped form: {exc}") from None
         self.n_nets = len(nets)
         self.batch_size = int(batch_size)
-        self._shells = _common_shells(nets)
+        self._shells = common_shells(nets)
 
     shell_features = StackedEnsemble.shell_features
 
@@ -585,19 +587,6 @@ def _rows(a, lo: int, hi: int):
     return a[lo:hi]
 
 
-def _common_shells(nets: Sequence[nn.Module]):
-    """The shell-feature module all ``nets`` share (same settings), or None."""
-    first = getattr(nets[0], "shells", None)
-    if first is None:
-        return None
-    key = (first.qsm_channel, first.lesion_channel, first.others_channel, first.clip,
-           first.positive)
-    for net in nets:
-        sh = getattr(net, "shells", None)
-        if sh is None or (sh.qsm_channel, sh.lesion_channel, sh.others_channel, sh.clip,
-                          sh.positive) != key:
-            return None
-    return first
 
 
 def fingerprint(nets: Sequence[nn.Module]) -> tuple:

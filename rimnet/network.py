@@ -285,12 +285,8 @@ class FoldEnsemble(nn.Module):
         return ((logits + self.offset) / self.temperature + self.prior_shift)[:, None]
 
 
-def shared_shell_features(nets: Sequence[nn.Module], x: torch.Tensor):
-    """Shell features of ``x`` to share among ``nets``, or None.
-
-    ``nets[0].shells(x)`` when every net is a :class:`RimNet` with identical shell settings
-    (then all can reuse it); None otherwise.
-    """
+def common_shells(nets: Sequence[nn.Module]):
+    """The shell-feature module every net of ``nets`` has with identical settings, or None."""
     first = getattr(nets[0], "shells", None) if nets else None
     if first is None:
         return None
@@ -301,7 +297,17 @@ def shared_shell_features(nets: Sequence[nn.Module], x: torch.Tensor):
         if sh is None or (sh.qsm_channel, sh.lesion_channel, sh.others_channel, sh.clip,
                           sh.positive) != key:
             return None
-    return first(x)
+    return first
+
+
+def shared_shell_features(nets: Sequence[nn.Module], x: torch.Tensor):
+    """Shell features of ``x`` to share among ``nets``, or None.
+
+    ``nets[0].shells(x)`` when every net is a :class:`RimNet` with identical shell settings
+    (then all can reuse it, :func:`common_shells`); None otherwise.
+    """
+    shells = common_shells(nets)
+    return None if shells is None else shells(x)
 
 
 def build_ensemble(*, n_folds: int, temperature: float = 1.0, offset: float = 0.0,

@@ -398,6 +398,29 @@ def _band_cutoffs(spacing_mm, *, t_out, t_in, reach_mm, inner_mm, outer_mm, nawm
     return cut_out, cut_in
 
 
+def _integer_bands(spacing_mm, *, rim_inner_mm, rim_outer_mm, nawm_inner_mm, nawm_outer_mm,
+                   vein_reach_mm):
+    """Voxel reaches and integer cut-offs of the band tests of the batched paths.
+
+    Returns ``(t_out, t_in, cut_out, cut_in)``: the outer and inner reach in voxels and the
+    :func:`_band_cutoffs` of the bands :func:`rim_features` uses (each at least one voxel
+    thick, whatever the patch spacing); the cut-offs are None where the integer tests do
+    not reproduce the float32 ones.
+    """
+    inner_mm = max(rim_inner_mm, spacing_mm * 1.001)
+    outer_mm = max(rim_outer_mm, spacing_mm * 1.001)
+    vein_mm = rim_outer_mm + vein_reach_mm
+    t_in = int(np.floor((rim_inner_mm + spacing_mm) / spacing_mm))
+    t_out = int(np.floor(max(outer_mm, nawm_inner_mm, nawm_outer_mm, rim_outer_mm, vein_mm)
+                         / spacing_mm))
+    reach_mm = max(nawm_outer_mm, rim_outer_mm + vein_reach_mm) + spacing_mm
+    cut_out, cut_in = _band_cutoffs(spacing_mm, t_out=t_out, t_in=t_in, reach_mm=reach_mm,
+                                    inner_mm=inner_mm, outer_mm=outer_mm,
+                                    nawm_inner_mm=nawm_inner_mm, nawm_outer_mm=nawm_outer_mm,
+                                    rim_outer_mm=rim_outer_mm, vein_mm=vein_mm)
+    return t_out, t_in, cut_out, cut_in
+
+
 def _sq_dist_vox_batch(mask: np.ndarray, t_max: int, big: int, dtype) -> np.ndarray:
     """:func:`_sq_dist_vox` of each mask of a stack, shape (N, X, Y, Z)."""
     return _min_plus_passes(np.where(mask, dtype(0), dtype(big)), (1, 2, 3), t_max, dtype)
@@ -489,17 +512,9 @@ def _rim_features_compiled(chi_ppm, lesion, others, *, spacing_mm: float = 1.0,
     """
     if slice_axis != 2 or chi_ppm.ndim != 4 or chi_ppm.shape[1:] != lesion.shape[1:]:
         return None
-    inner_mm = max(rim_inner_mm, spacing_mm * 1.001)
-    outer_mm = max(rim_outer_mm, spacing_mm * 1.001)
-    vein_mm = rim_outer_mm + vein_reach_mm
-    t_in = int(np.floor((rim_inner_mm + spacing_mm) / spacing_mm))
-    t_out = int(np.floor(max(outer_mm, nawm_inner_mm, nawm_outer_mm, rim_outer_mm, vein_mm)
-                         / spacing_mm))
-    reach_mm = max(nawm_outer_mm, rim_outer_mm + vein_reach_mm) + spacing_mm
-    cut_out, cut_in = _band_cutoffs(spacing_mm, t_out=t_out, t_in=t_in, reach_mm=reach_mm,
-                                    inner_mm=inner_mm, outer_mm=outer_mm,
-                                    nawm_inner_mm=nawm_inner_mm, nawm_outer_mm=nawm_outer_mm,
-                                    rim_outer_mm=rim_outer_mm, vein_mm=vein_mm)
+    t_out, t_in, cut_out, cut_in = _integer_bands(
+        spacing_mm, rim_inner_mm=rim_inner_mm, rim_outer_mm=rim_outer_mm,
+        nawm_inner_mm=nawm_inner_mm, nawm_outer_mm=nawm_outer_mm, vein_reach_mm=vein_reach_mm)
     if cut_out is None or cut_in is None:
         return None
     from rimnet import _kernels
@@ -542,17 +557,9 @@ def _rim_features_chunk(chi_ppm, lesion, others, *, spacing_mm: float = 1.0,
               min_slices=min_slices, min_sector_fraction=min_sector_fraction,
               vein_min_ppm=vein_min_ppm, vein_reach_mm=vein_reach_mm,
               contrast_scale_ppm=contrast_scale_ppm, slice_axis=slice_axis)
-    inner_mm = max(rim_inner_mm, spacing_mm * 1.001)
-    outer_mm = max(rim_outer_mm, spacing_mm * 1.001)
-    vein_mm = rim_outer_mm + vein_reach_mm
-    t_in = int(np.floor((rim_inner_mm + spacing_mm) / spacing_mm))
-    t_out = int(np.floor(max(outer_mm, nawm_inner_mm, nawm_outer_mm, rim_outer_mm, vein_mm)
-                         / spacing_mm))
-    reach_mm = max(nawm_outer_mm, rim_outer_mm + vein_reach_mm) + spacing_mm
-    cut_out, cut_in = _band_cutoffs(spacing_mm, t_out=t_out, t_in=t_in, reach_mm=reach_mm,
-                                    inner_mm=inner_mm, outer_mm=outer_mm,
-                                    nawm_inner_mm=nawm_inner_mm, nawm_outer_mm=nawm_outer_mm,
-                                    rim_outer_mm=rim_outer_mm, vein_mm=vein_mm)
+    t_out, t_in, cut_out, cut_in = _integer_bands(
+        spacing_mm, rim_inner_mm=rim_inner_mm, rim_outer_mm=rim_outer_mm,
+        nawm_inner_mm=nawm_inner_mm, nawm_outer_mm=nawm_outer_mm, vein_reach_mm=vein_reach_mm)
     if cut_out is None or cut_in is None:
         return [rim_features(c, le, None if others is None else o, **kw)
                 for c, le, o in zip(chi_ppm, lesion, others if others is not None
