@@ -102,13 +102,16 @@ def truncated_edt(mask: np.ndarray, *, spacing_mm: float, max_mm: float) -> np.n
     return np.sqrt(d2)
 
 
-def _dilate_cube(mask: np.ndarray) -> np.ndarray:
-    """Binary dilation by the 3x3x3 cube (26-neighbourhood), separably along each axis."""
+def _dilate_cube(mask: np.ndarray, *, first_axis: int = 0) -> np.ndarray:
+    """Binary dilation by the 3x3x3 cube (26-neighbourhood), separably along each axis.
+
+    The last three axes are dilated; ``first_axis=1`` treats axis 0 as a stack of masks.
+    """
     out = mask.copy()
-    for axis in range(3):
+    for axis in range(first_axis, mask.ndim):
         src = out.copy()
-        lo = [slice(None)] * 3
-        hi = [slice(None)] * 3
+        lo = [slice(None)] * mask.ndim
+        hi = [slice(None)] * mask.ndim
         lo[axis], hi[axis] = slice(None, -1), slice(1, None)
         out[tuple(lo)] |= src[tuple(hi)]
         out[tuple(hi)] |= src[tuple(lo)]
@@ -428,15 +431,7 @@ def _sq_dist_vox_batch(mask: np.ndarray, t_max: int, big: int, dtype) -> np.ndar
 
 def _dilate_cube_batch(mask: np.ndarray) -> np.ndarray:
     """:func:`_dilate_cube` of each mask of a stack, shape (N, X, Y, Z)."""
-    out = mask.copy()
-    for axis in (1, 2, 3):
-        src = out.copy()
-        lo = [slice(None)] * 4
-        hi = [slice(None)] * 4
-        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-        out[tuple(lo)] |= src[tuple(hi)]
-        out[tuple(hi)] |= src[tuple(lo)]
-    return out
+    return _dilate_cube(mask, first_axis=1)
 
 
 _BATCH = 8
