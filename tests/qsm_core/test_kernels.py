@@ -10,6 +10,7 @@ import pytest
 
 from qsm_core.inversion import _kernels as K
 from qsm_core.inversion.backend import _full_spans, row_spans
+from tests.qsm_core.test_ilsqr_fused import _reference_normal
 
 PARTS = [1, 2, 3, 5]
 
@@ -153,19 +154,6 @@ def test_scatter_and_gather(rng, parts):
     np.testing.assert_array_equal(out, ref)
     assert sq == pytest.approx(float((np.abs(ref.astype(np.complex128)) ** 2).sum()),
                                rel=1e-6)
-
-
-def _reference_normal(z, a_sq):
-    """sum_j D_j^T (a_j D_j z) with explicit slicing (float64)."""
-    y = np.zeros_like(z)
-    for ax in range(3):
-        hi = [slice(None)] * 3
-        lo = [slice(None)] * 3
-        hi[ax], lo[ax] = slice(1, None), slice(None, -1)
-        t = a_sq[ax][tuple(lo)] * (z[tuple(hi)] - z[tuple(lo)])
-        y[tuple(lo)] -= t
-        y[tuple(hi)] += t
-    return y
 
 
 def _support(a_sq):
