@@ -64,6 +64,7 @@ __all__ = [
     "extract_patches",
     "build_patch_cache",
     "load_patch_cache",
+    "load_patch_caches",
 ]
 
 PATCH_MM = 32.0
@@ -656,4 +657,69 @@ def load_patch_cache(cache_dir, *, mmap: bool = True) -> tuple[np.ndarray, pd.Da
         raise InputError(f"{cache_dir}: patches.npy {patches.shape} does not match table.tsv "
                          f"({len(table)} rows) / channels {meta['channels']}; rebuild it")
     table.attrs.update(meta)
+    return patches, table
+
+
+_GEOMETRY_KEYS = ("channels", "patch_mm", "patch_voxels", "qsm_scale", "qsm_clip", "flair_clip")
+
+
+def load_patch_caches(cache_dirs: Sequence) -> tuple[np.ndarray, pd.DataFrame]:
+    """Open one or several patch caches as one training set.
+
+    Several caches (e.g. two cohorts extracted separately) must share channels, patch geometry
+    and normalisation; their patches are read into memory and stacked in the order given.
+    Patients are told apart by cache: if a ``participant_id`` occurs in more than one cache
+    (``sub-001`` of two simulated cohorts, or of two sites), every ``participant_id`` becomes
+    ``<cache folder name>/<participant_id>`` so that cross-validation never splits two different
+    people as one or merges them.
+
+    Parameters
+    ----------
+    cache_dirs : sequence of str or Path
+        One or more cache folders written by :func:`build_patch_cache`.
+
+    Returns
+    -------
+    patches : ndarray, shape (N, C, P, P, P)
+        Memory-mapped for a single cache, in memory (float32) for several.
+    table : DataFrame
+        N rows in patch order, with a ``source_cache`` column (the folder) when several caches
+        are given; ``attrs`` holds the first cache's metadata plus ``sources``.
+    """
+    cache_dirs = [Path(c) for c in cache_dirs]
+    if not cache_dirs:
+        raise InputError("no patch cache given; pass at least one --patches CACHE")
+    if len(cache_dirs) == 1:
+        return load_patch_cache(cache_dirs[0])
+    if len({c.resolve() for c in cache_dirs}) != len(cache_dirs):
+        raise InputError(f"the same patch cache is given twice in {[str(c) for c in cache_dirs]}")
+    loaded = [load_patch_cache(c) for c in cache_dirs]
+    meta0 = loaded[0][1].attrs
+    for cache, (_, table) in zip(cache_dirs[1:], loaded[1:]):
+        diff = [k for k in _GEOMETRY_KEYS if table.attrs.get(k) != meta0.get(k)]
+        if diff:
+            raise InputError(
+                f"{cache}: patch cache differs from {cache_dirs[0]} in "
+                + ", ".join(f"{k} ({table.attrs.get(k)} vs {meta0.get(k)})" for k in diff)
+                + "; rebuild the caches with the same `qsmrim extract` settings")
+    names = [c.name for c in cache_dirs]
+    if len(set(names)) != len(names):
+        names = [f"cache{i}" for i in range(len(cache_dirs))]
+    ids = [set(t["participant_id"].astype(str)) for _, t in loaded]
+    clash = set().union(*[a & b for i, a in enumerate(ids) for b in ids[i + 1:]])
+    tables = []
+    for name, cache, (_, table) in zip(names, cache_dirs, loaded):
+        table = table.copy()
+        if clash:
+            table["participant_id"] = name + "/" + table["participant_id"].astype(str)
+        table["source_cache"] = str(cache)
+        tables.append(table)
+    if clash:
+        log.info("%d participant ids occur in more than one cache (e.g. %s); they are "
+                 "qualified by cache as <cache>/<participant_id>", len(clash), sorted(clash)[0])
+    table = pd.concat(tables, ignore_index=True)
+    table["patch_index"] = np.arange(len(table))
+    patches = np.concatenate([np.asarray(p, dtype=np.float32) for p, _ in loaded])
+    table.attrs.update({**meta0, "n_patches": len(table), "dtype": "float32",
+                        "sources": [str(c) for c in cache_dirs]})
     return patches, table

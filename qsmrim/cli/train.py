@@ -46,8 +46,9 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "train") -> None:
     parser.add_argument("--out", required=True, type=Path, metavar="MODEL_DIR",
                         help="model directory to write")
     src = parser.add_argument_group("training data")
-    src.add_argument("--patches", type=Path, metavar="CACHE",
-                     help="patch cache folder (patches.npy, table.tsv, cache.json)")
+    src.add_argument("--patches", type=Path, metavar="CACHE", nargs="+",
+                     help="patch cache folder(s) (patches.npy, table.tsv, cache.json); several "
+                          "caches with the same settings are trained on together")
     src.add_argument("--qsm", type=Path, metavar="DIR", help="QSM derivatives (Chimaps)")
     src.add_argument("--lesions", type=Path, metavar="DIR",
                      help="lesion derivatives (*_desc-lesion_mask.nii.gz)")
@@ -128,12 +129,15 @@ def _training_data(args, config):
     import pandas as pd
 
     from qsm_core.io.tables import read_table
-    from rimnet.patches import load_patch_cache
+    from rimnet.patches import load_patch_caches
 
     if args.patches is not None:
         if args.bids_dir or args.qsm or args.lesions:
             raise InputError("give either --patches CACHE or BIDS_DIR --qsm --lesions, not both")
-        cache = args.patches
+        if args.labels is not None and len(args.patches) > 1:
+            raise InputError("--labels relabels a single patch cache; with several caches, "
+                             "rebuild each with `qsmrim extract --labels`")
+        caches = list(args.patches)
     else:
         missing = [o for o, v in (("BIDS_DIR", args.bids_dir), ("--qsm", args.qsm),
                                   ("--lesions", args.lesions), ("--labels", args.labels))
@@ -157,7 +161,9 @@ def _training_data(args, config):
                                  progress=config.progress)
         else:
             log.info("reusing the patch cache in %s", cache)
-    patches, table = load_patch_cache(cache)
+        caches = [cache]
+    patches, table = load_patch_caches(caches)
+    cache = caches[0] if len(caches) == 1 else " + ".join(map(str, caches))
     meta = dict(table.attrs)
     if args.labels is not None and args.patches is not None:
         labels = read_table(args.labels, "lesions")
@@ -168,7 +174,7 @@ def _training_data(args, config):
         table.attrs.update(meta)
     if config.label_column not in table.columns:
         raise InputError(f"no {config.label_column!r} column in the training labels "
-                         f"({cache / 'table.tsv'}{' or ' + str(args.labels) if args.labels else ''}"
+                         f"(table.tsv of {cache}{' or ' + str(args.labels) if args.labels else ''}"
                          "); choose another --label-column or give --labels lesions.tsv")
     if meta.get("channels") and list(meta["channels"]) != list(config.channels):
         raise InputError(f"{cache}: cache channels {meta['channels']} differ from the config "

@@ -136,3 +136,27 @@ def test_train_bad_input(tmp_path, capsys):
     assert main(["train", "--patches", str(tmp_path / "cache"), "--out", str(tmp_path / "m"),
                  "--config", str(cfg)]) == 2
     assert "unknown training setting" in capsys.readouterr().err
+
+
+def test_train_on_two_caches_keeps_their_patients_apart(tmp_path, capsys):
+    x, t = make_synthetic_patches(48, patch_voxels=16, seed=4, n_patients=8, prevalence=0.4)
+    half = t["participant_id"].isin(sorted(t["participant_id"].unique())[:4]).to_numpy()
+    # the second cohort reuses the first one's participant ids, as two simulations would
+    renamed = dict(zip(sorted(t.loc[~half, "participant_id"].unique()),
+                       sorted(t.loc[half, "participant_id"].unique())))
+    build_patch_cache(tmp_path / "siteA", [(x[half], t[half])], patch_mm=16.0, patch_voxels=16)
+    build_patch_cache(tmp_path / "siteB",
+                      [(x[~half], t[~half].replace({"participant_id": renamed}))],
+                      patch_mm=16.0, patch_voxels=16)
+    out = tmp_path / "model"
+    rc = main(["train", "--patches", str(tmp_path / "siteA"), str(tmp_path / "siteB"),
+               "--config", str(_write_config(tmp_path, patch_mm=16.0, patch_voxels=16)),
+               "--folds", "2", "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    splits = json.loads((out / "splits.json").read_text())
+    val = sorted(p for s in splits for p in s["val"])
+    assert len(val) == 8 and all(p.split("/")[0] in ("siteA", "siteB") for p in val)
+    oof = pd.read_csv(out / "val_predictions.tsv", sep="\t")
+    assert len(oof) == len(t) and oof["participant_id"].nunique() == 8
+    card = (out / "model_card.md").read_text()
+    assert f"--patches {tmp_path / 'siteA'} {tmp_path / 'siteB'}" in card

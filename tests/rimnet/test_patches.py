@@ -10,6 +10,7 @@ from rimnet.patches import (
     flair_reference,
     lesion_centroids_vox,
     load_patch_cache,
+    load_patch_caches,
     patch_coordinates,
 )
 
@@ -150,3 +151,44 @@ def test_patch_cache_float16(tmp_path, rng):
     patches, _ = load_patch_cache(out)
     assert patches.dtype == np.float16
     np.testing.assert_allclose(patches.astype(np.float32), a, atol=2e-3)
+
+
+def _cache(path, patches, ids, **kw):
+    table = pd.DataFrame({"participant_id": ids, "session_id": ["n/a"] * len(ids),
+                          "lesion_id": np.arange(1, len(ids) + 1), "label": [0, 1][:len(ids)]})
+    geometry = {"channels": ("qsm",), "patch_mm": 4.0, "patch_voxels": 4} | kw
+    return build_patch_cache(path, [(patches, table)], **geometry)
+
+
+def test_several_caches_stack_and_keep_patients_apart(tmp_path, rng):
+    a = rng.normal(size=(2, 1, 4, 4, 4)).astype(np.float32)
+    b = rng.normal(size=(1, 1, 4, 4, 4)).astype(np.float32)
+    ca = _cache(tmp_path / "cohortA", a, ["sub-001", "sub-002"], dtype=np.float16)
+    cb = _cache(tmp_path / "cohortB", b, ["sub-001"])
+    patches, table = load_patch_caches([ca, cb])
+    np.testing.assert_allclose(patches, np.concatenate([a.astype(np.float16), b]))
+    assert patches.dtype == np.float32 and table.attrs["dtype"] == "float32"
+    # sub-001 of cohort A and of cohort B are different people
+    assert table["participant_id"].tolist() == ["cohortA/sub-001", "cohortA/sub-002",
+                                                "cohortB/sub-001"]
+    assert table["patch_index"].tolist() == [0, 1, 2]
+    assert table.attrs["sources"] == [str(ca), str(cb)]
+    # without a clash the ids are left alone
+    cc = _cache(tmp_path / "cohortC", b, ["sub-009"])
+    _, table = load_patch_caches([ca, cc])
+    assert table["participant_id"].tolist() == ["sub-001", "sub-002", "sub-009"]
+    # one cache: exactly load_patch_cache
+    p1, t1 = load_patch_caches([ca])
+    assert p1.dtype == np.float16 and "source_cache" not in t1.columns
+
+
+def test_caches_with_different_settings_are_refused(tmp_path, rng):
+    a = rng.normal(size=(1, 1, 4, 4, 4)).astype(np.float32)
+    ca = _cache(tmp_path / "a", a, ["sub-001"])
+    cb = _cache(tmp_path / "b", a, ["sub-002"], patch_mm=8.0)
+    with pytest.raises(InputError, match=r"b: patch cache differs .* patch_mm \(8.0 vs 4.0\)"):
+        load_patch_caches([ca, cb])
+    with pytest.raises(InputError, match="given twice"):
+        load_patch_caches([ca, tmp_path / "a"])
+    with pytest.raises(InputError, match="at least one"):
+        load_patch_caches([])
