@@ -388,11 +388,53 @@ def _linear_f(vol_t, s0, s1, s2, w, divide, sc, lo, hi, dst):
                 dst[a, b, c] = d2[c, b, a]
 
 
+@njit(cache=True)
+def _copy_c(vol, s0, s1, s2, divide, sc, lo, hi, dst):
+    """A lesion whose samples are voxels (all weights 0): a normalised crop, C order."""
+    p = dst.shape[0]
+    for a in range(p):
+        for b in range(p):
+            for c in range(p):
+                dst[a, b, c] = _normalise(np.float32(vol[s0 + a, s1 + b, s2 + c]), divide, sc,
+                                          lo, hi)
+
+
+@njit(cache=True)
+def _copy_f(vol_t, s0, s1, s2, divide, sc, lo, hi, dst):
+    """:func:`_copy_c` from the (z, y, x) transpose of the volume."""
+    p = dst.shape[0]
+    t = np.empty((p, p, p), np.float32)  # (z, y, x), read in memory order
+    for c in range(p):
+        for b in range(p):
+            for a in range(p):
+                t[c, b, a] = _normalise(np.float32(vol_t[s2 + c, s1 + b, s0 + a]), divide, sc,
+                                        lo, hi)
+    for a in range(p):
+        for b in range(p):
+            for c in range(p):
+                dst[a, b, c] = t[c, b, a]
+
+
+@njit(cache=True)
+def _all_zero(w):
+    for v in w.ravel():
+        if v != 0:
+            return False
+    return True
+
+
 @njit(cache=True, parallel=True)
 def _gather_linear(vol, flip, starts, w, rows, ch, divide, sc, lo, hi, out):
     """Trilinear patches of on-grid lesions (see :func:`gather_linear`)."""
     for r in prange(starts.shape[0]):
-        if flip:
+        if _all_zero(w[r]):  # samples on voxels: a + (b - a) * 0 == a, so crop and normalise
+            if flip:
+                _copy_f(vol, starts[r, 0], starts[r, 1], starts[r, 2], divide, sc, lo, hi,
+                        out[rows[r], ch])
+            else:
+                _copy_c(vol, starts[r, 0], starts[r, 1], starts[r, 2], divide, sc, lo, hi,
+                        out[rows[r], ch])
+        elif flip:
             _linear_f(vol, starts[r, 0], starts[r, 1], starts[r, 2], w[r], divide, sc, lo, hi,
                       out[rows[r], ch])
         else:

@@ -300,6 +300,9 @@ class RimCNN:
     channels : tuple of str
     patch_mm : float
     patch_voxels : int
+    snap_to_voxels : bool
+        Whether patches are cut centred on the voxel grid
+        (:func:`rimnet.patches.snap_centres`), as the training patches were.
     """
 
     def __init__(self, networks: Sequence[nn.Module], *, config: dict,
@@ -328,6 +331,8 @@ class RimCNN:
         self.channels = tuple(self.config["channels"])
         self.patch_mm = float(self.config["patch_mm"])
         self.patch_voxels = int(self.config["patch_voxels"])
+        # models trained before the option existed were trained on interpolated patches
+        self.snap_to_voxels = bool(self.config.get("snap_to_voxels", False))
         self.n_types = int(self.config.get("n_types", 0))
 
     # ------------------------------------------------------------------ I/O

@@ -61,6 +61,7 @@ __all__ = [
     "normalise_flair",
     "lesion_centroids_vox",
     "patch_coordinates",
+    "snap_centres",
     "extract_patches",
     "build_patch_cache",
     "load_patch_cache",
@@ -266,6 +267,41 @@ def patch_coordinates(centre_vox, *, voxel_size_mm, patch_mm: float,
     return [float(centre_vox[a]) + offs_mm / vs[a] for a in range(3)]
 
 
+def snap_centres(centres_vox: np.ndarray, *, voxel_size_mm, patch_mm: float,
+                 patch_voxels: int, tol: float = 1e-3) -> np.ndarray:
+    """Move patch centres by < 1/2 voxel so that the patch samples land on voxel centres.
+
+    Along each axis where the patch spacing is a whole number of voxels (e.g. 1 mm samples of
+    a 1 mm scan), the centre is moved to the nearest position at which every sample falls
+    exactly on a voxel; the patch is then a crop of the scan, with no interpolation to blur
+    a 1 mm rim by a random fraction of a voxel. Other axes (e.g. 1 mm samples of 0.9 mm or
+    2 mm voxels) are left alone and sampled trilinearly.
+
+    Parameters
+    ----------
+    centres_vox : ndarray, shape (N, 3)
+        Patch centres in voxel coordinates.
+    voxel_size_mm : sequence of 3 floats
+    patch_mm, patch_voxels : float, int
+        Patch side (mm) and samples per side.
+    tol : float
+        How close to a whole number (in voxels) the sample spacing must be.
+
+    Returns
+    -------
+    ndarray, shape (N, 3)
+        The centres, moved by at most 1/2 voxel along the snapped axes.
+    """
+    cents = np.array(centres_vox, dtype=float).reshape(-1, 3)
+    step_vox = (patch_mm / patch_voxels) / np.asarray(voxel_size_mm, dtype=float)
+    for a in range(3):
+        whole = np.round(step_vox[a])
+        if whole >= 1 and abs(step_vox[a] - whole) <= tol:
+            half = (patch_voxels - 1) / 2.0 * whole
+            cents[:, a] = np.floor(cents[:, a] - half + 0.5) + half
+    return cents
+
+
 def _linear_axis(coords: np.ndarray, size: int):
     """Indices and weights for 1-D linear interpolation with edge clamping."""
     c = np.clip(coords, 0.0, size - 1.0)
@@ -408,7 +444,8 @@ def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
                     channels: Sequence[str] = DEFAULT_CHANNELS,
                     centroids_vox: np.ndarray | None = None,
                     brain_mask: np.ndarray | None = None,
-                    flair_ref: float | None = None, swi_ref: float | None = None) -> np.ndarray:
+                    flair_ref: float | None = None, swi_ref: float | None = None,
+                    snap_to_voxels: bool = False) -> np.ndarray:
     """Cut a fixed physical-size, normalised multi-channel patch around each lesion.
 
     Parameters
@@ -435,6 +472,11 @@ def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
         Region used for the FLAIR/SWI normal-appearing-tissue reference.
     flair_ref, swi_ref : float, optional
         Reference intensities overriding the medians (e.g. computed once per scan).
+    snap_to_voxels : bool
+        Move each centre by < 1/2 voxel so that the samples are voxels wherever the patch
+        spacing allows (:func:`snap_centres`): crops instead of interpolated patches. A
+        model must be given patches cut the way its training patches were (its
+        ``config["snap_to_voxels"]``).
 
     Returns
     -------
@@ -503,6 +545,9 @@ def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
         cents = lesion_centroids_vox(labels, ids)
     else:
         cents = np.asarray(centroids_vox, dtype=float).reshape(n, 3)
+    if snap_to_voxels:
+        cents = snap_centres(cents, voxel_size_mm=vs, patch_mm=patch_mm,
+                             patch_voxels=patch_voxels)
     on_grid = _on_grid_lesions(cents, labels.shape, voxel_size_mm=vs, patch_mm=patch_mm,
                                patch_voxels=patch_voxels)
     fast = np.flatnonzero(on_grid)
@@ -549,7 +594,7 @@ def _npy_header(shape, dtype) -> bytes:
 def build_patch_cache(cache_dir, chunks: Iterable[tuple[np.ndarray, pd.DataFrame]], *,
                       channels: Sequence[str] = DEFAULT_CHANNELS, patch_mm: float = 32.0,
                       patch_voxels: int = 32, dtype=np.float32, metadata: dict | None = None,
-                      overwrite: bool = False) -> Path:
+                      snap_to_voxels: bool = False, overwrite: bool = False) -> Path:
     """Write patches and their table to a cache folder, streaming chunk by chunk.
 
     Parameters
@@ -568,6 +613,9 @@ def build_patch_cache(cache_dir, chunks: Iterable[tuple[np.ndarray, pd.DataFrame
         Storage type (float32, or float16 to halve the size).
     metadata : dict, optional
         Extra provenance written into ``cache.json``.
+    snap_to_voxels : bool
+        Whether the patches were cut with ``extract_patches(snap_to_voxels=True)``
+        (recorded; a model trained on the cache cuts its patches the same way).
     overwrite : bool
         Replace an existing cache.
 
@@ -614,7 +662,8 @@ def build_patch_cache(cache_dir, chunks: Iterable[tuple[np.ndarray, pd.DataFrame
     with atomic_path(cache_dir / "table.tsv") as tmp:
         table.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
     meta = {"channels": list(channels), "patch_mm": float(patch_mm),
-            "patch_voxels": int(patch_voxels), "n_patches": int(n_total),
+            "patch_voxels": int(patch_voxels), "snap_to_voxels": bool(snap_to_voxels),
+            "n_patches": int(n_total),
             "dtype": np.dtype(dtype).name, "qsm_scale": QSM_SCALE, "qsm_clip": QSM_CLIP,
             "flair_clip": FLAIR_CLIP, "metadata": metadata or {}}
     write_json(cache_dir / "cache.json", meta)  # written last: marks a complete cache
@@ -656,11 +705,13 @@ def load_patch_cache(cache_dir, *, mmap: bool = True) -> tuple[np.ndarray, pd.Da
     if len(table) != len(patches) or patches.shape[1] != len(meta["channels"]):
         raise InputError(f"{cache_dir}: patches.npy {patches.shape} does not match table.tsv "
                          f"({len(table)} rows) / channels {meta['channels']}; rebuild it")
+    meta.setdefault("snap_to_voxels", False)  # caches written before the option existed
     table.attrs.update(meta)
     return patches, table
 
 
-_GEOMETRY_KEYS = ("channels", "patch_mm", "patch_voxels", "qsm_scale", "qsm_clip", "flair_clip")
+_GEOMETRY_KEYS = ("channels", "patch_mm", "patch_voxels", "snap_to_voxels", "qsm_scale",
+                  "qsm_clip", "flair_clip")
 
 
 def load_patch_caches(cache_dirs: Sequence) -> tuple[np.ndarray, pd.DataFrame]:

@@ -376,20 +376,24 @@ class Predictor:
         Patches per CNN call.
     model_dir : str or Path, optional
         Where the model came from (recorded in the provenance).
-    channels, patch_mm, patch_voxels : optional
+    channels, patch_mm, patch_voxels, snap_to_voxels : optional
         Patch geometry when there is no model (default ``("qsm", "lesion", "others")``,
-        32 mm, 32 voxels); with a model, the model's own.
+        32 mm, 32 voxels, centres snapped to the voxel grid); with a model, the model's own.
     """
 
     def __init__(self, model=None, *, rule: RuleBasedRimDetector | None = None,
                  cnn_threshold: float | None = None, min_long_axis_mm: float = 3.0,
                  bids_dir=None, qsm_dir=None, device: str = "cpu", review: bool = True,
                  batch_size: int = 256, model_dir=None, channels=None,
-                 patch_mm: float | None = None, patch_voxels: int | None = None):
+                 patch_mm: float | None = None, patch_voxels: int | None = None,
+                 snap_to_voxels: bool | None = None):
         self.model = model
         self.model_dir = model_dir
-        if model is not None and (channels or patch_mm or patch_voxels):
-            raise InputError("patch channels and size come from the model; do not set them")
+        if model is not None and (channels or patch_mm or patch_voxels
+                                  or snap_to_voxels is not None):
+            raise InputError("patch channels, size and grid come from the model; do not set "
+                             "them")
+        self._snap_to_voxels = True if snap_to_voxels is None else bool(snap_to_voxels)
         self._channels = tuple(channels) if channels else ("qsm", "lesion", "others")
         self._patch_mm = float(patch_mm or 32.0)
         self._patch_voxels = int(patch_voxels or 32)
@@ -418,6 +422,13 @@ class Predictor:
         return float(self.model.patch_mm) if self.model is not None else self._patch_mm
 
     @property
+    def snap_to_voxels(self) -> bool:
+        """Whether patches are cut on the voxel grid (the model's setting, if any)."""
+        if self.model is not None:
+            return bool(getattr(self.model, "snap_to_voxels", False))
+        return self._snap_to_voxels
+
+    @property
     def patch_voxels(self) -> int:
         """Patch samples per side."""
         return int(self.model.patch_voxels) if self.model is not None else self._patch_voxels
@@ -427,6 +438,7 @@ class Predictor:
         rule = self.rule or RuleBasedRimDetector()
         info = {"qsmrim_version": __version__, "channels": list(self.channels),
                 "patch_mm": self.patch_mm, "patch_voxels": self.patch_voxels,
+                "snap_to_voxels": self.snap_to_voxels,
                 "cnn_threshold": self.cnn_threshold if self.model is not None else None,
                 "min_long_axis_mm": self.min_long_axis_mm,
                 "rule_parameters": {k: v for k, v in rule.get_params().items()
@@ -557,7 +569,8 @@ class Predictor:
         cents = table[["centroid_i", "centroid_j", "centroid_k"]].to_numpy(float)
         patches = extract_patches(images, labels, ids, voxel_size_mm=vs, patch_mm=self.patch_mm,
                                   patch_voxels=self.patch_voxels, channels=self.channels,
-                                  centroids_vox=cents, flair_ref=flair_ref)
+                                  centroids_vox=cents, flair_ref=flair_ref,
+                                  snap_to_voxels=self.snap_to_voxels)
         t["patches"] = time.perf_counter() - t1
         return ScanResult(table=table, labels=labels, affine=aff, images=images,
                           timings_s=t), patches

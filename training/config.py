@@ -34,6 +34,11 @@ class TrainConfig:
         Patch side (mm) and samples per side (default 32 mm at 32 samples, 1 mm). On
         simulated scans (429 lesions, 5-fold CV) 1 mm sampling with ``resnet`` reached an
         out-of-fold ROC AUC of 0.71 where 24 samples with ``fastresnet`` reached 0.51.
+    snap_to_voxels : bool
+        Patches centred on the nearest voxel-grid position, so that 1 mm samples of a 1 mm
+        scan are a crop, not an interpolation (:func:`rimnet.patches.snap_centres`).
+        Training from a patch cache takes the cache's setting; ``predict`` cuts patches
+        the way the model's were.
     arch : str
         Network architecture (:data:`rimnet.network.ARCHS`).
     net_channels : list of int
@@ -100,6 +105,7 @@ class TrainConfig:
     channels: list[str] = field(default_factory=lambda: ["qsm", "flair", "lesion", "others"])
     patch_mm: float = PATCH_MM
     patch_voxels: int = PATCH_VOXELS
+    snap_to_voxels: bool = True
     arch: str = "resnet"
     net_channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     n_types: int = 0

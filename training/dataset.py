@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 def iter_scan_patches(bids_dir, *, qsm_dir, lesions_dir, labels: pd.DataFrame,
                       channels: Sequence[str] = DEFAULT_CHANNELS, patch_mm: float = 32.0,
                       patch_voxels: int = 32, min_long_axis_mm: float = 3.0,
-                      progress: bool = True) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
+                      snap_to_voxels: bool = True, progress: bool = True
+                      ) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
     """Yield ``(patches, rows)`` per scan for the annotated lesions.
 
     Parameters
@@ -45,7 +46,7 @@ def iter_scan_patches(bids_dir, *, qsm_dir, lesions_dir, labels: pd.DataFrame,
         Lesion derivatives with ``*_desc-lesion_mask.nii.gz``.
     labels : DataFrame
         ``lesions.tsv``: participant_id, session_id, lesion_id and label columns.
-    channels, patch_mm, patch_voxels
+    channels, patch_mm, patch_voxels, snap_to_voxels
         Patch settings (see :func:`rimnet.patches.extract_patches`).
     min_long_axis_mm : float
         Lesion size filter, as in ``qsmrim predict``.
@@ -104,7 +105,8 @@ def iter_scan_patches(bids_dir, *, qsm_dir, lesions_dir, labels: pd.DataFrame,
                if "flair" in images else None)
         patches = extract_patches(images, lab, keep["lesion_id"].astype(int).tolist(),
                                   voxel_size_mm=voxel_sizes_mm(aff), patch_mm=patch_mm,
-                                  patch_voxels=patch_voxels, channels=channels, flair_ref=ref)
+                                  patch_voxels=patch_voxels, channels=channels, flair_ref=ref,
+                                  snap_to_voxels=snap_to_voxels)
         yield patches, keep.reset_index(drop=True)
     if n_missing:
         log.warning("%d annotated lesions are absent from their lesion maps (or below the "
@@ -114,16 +116,18 @@ def iter_scan_patches(bids_dir, *, qsm_dir, lesions_dir, labels: pd.DataFrame,
 def build_training_cache(cache_dir, bids_dir, *, qsm_dir, lesions_dir, labels: pd.DataFrame,
                          channels: Sequence[str] = DEFAULT_CHANNELS, patch_mm: float = 32.0,
                          patch_voxels: int = 32, min_long_axis_mm: float = 3.0,
-                         overwrite: bool = False, progress: bool = True) -> Path:
+                         snap_to_voxels: bool = True, overwrite: bool = False,
+                         progress: bool = True) -> Path:
     """Build a patch cache of the annotated lesions (see :func:`iter_scan_patches`)."""
     chunks = iter_scan_patches(bids_dir, qsm_dir=qsm_dir, lesions_dir=lesions_dir,
                                labels=labels, channels=channels, patch_mm=patch_mm,
                                patch_voxels=patch_voxels, min_long_axis_mm=min_long_axis_mm,
-                               progress=progress)
+                               snap_to_voxels=snap_to_voxels, progress=progress)
     meta = {"bids_dir": str(bids_dir), "qsm_dir": str(qsm_dir),
             "lesions_dir": str(lesions_dir), "min_long_axis_mm": min_long_axis_mm}
     path = build_patch_cache(cache_dir, chunks, channels=channels, patch_mm=patch_mm,
-                             patch_voxels=patch_voxels, metadata=meta, overwrite=overwrite)
+                             patch_voxels=patch_voxels, metadata=meta,
+                             snap_to_voxels=snap_to_voxels, overwrite=overwrite)
     if not (Path(path) / "table.tsv").stat().st_size or not len(
             pd.read_csv(Path(path) / "table.tsv", sep="\t")):
         raise InputError(f"no annotated lesion of the labels table was found in "

@@ -29,6 +29,7 @@ epoch, so a resumed run continues exactly where it stopped) and runs unchanged u
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -485,6 +486,12 @@ def _train(patches, table, *, config, out_dir, resume, folds, command, info) -> 
     if cache_channels and list(cache_channels) != list(config.channels):
         raise InputError(f"patch cache channels {cache_channels} differ from the training "
                          f"config channels {config.channels}")
+    cache_snap = table.attrs.get("snap_to_voxels") if hasattr(table, "attrs") else None
+    if cache_snap is not None and bool(cache_snap) != config.snap_to_voxels:
+        # predict must cut patches the way the training patches were cut
+        log.info("patch cache has snap_to_voxels=%s; the model records the same",
+                 bool(cache_snap))
+        config = dataclasses.replace(config, snap_to_voxels=bool(cache_snap))
     if "participant_id" not in table.columns:
         raise InputError("lesion table has no participant_id column (needed to group folds)")
     if info.distributed and config.imbalance == "sampler":

@@ -53,6 +53,10 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "lesions") -> None:
                             help=f"patch side in mm (default: {PATCH_MM:g})")
         parser.add_argument("--patch-voxels", type=int, default=PATCH_VOXELS, metavar="P",
                             help=f"samples per side (default: {PATCH_VOXELS}, as the CNN's)")
+        parser.add_argument("--no-snap", action="store_true",
+                            help="sample patches centred exactly on each lesion centroid "
+                                 "(trilinear) instead of on the nearest voxel-grid position "
+                                 "(a crop; the default, as the packaged model was trained)")
         parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                             help="storage type of patches.npy (default: float32)")
         parser.add_argument("--overwrite", action="store_true",
@@ -150,7 +154,8 @@ def _run_extract(args) -> int:
     scans = find_lesion_maps(args.lesions, participant_labels=args.participant_label)
     prep = Predictor(None, bids_dir=args.bids_dir, qsm_dir=args.qsm,
                      min_long_axis_mm=args.min_long_axis_mm, channels=args.channels,
-                     patch_mm=args.patch_mm, patch_voxels=args.patch_voxels, review=False)
+                     patch_mm=args.patch_mm, patch_voxels=args.patch_voxels,
+                     snap_to_voxels=not args.no_snap, review=False)
     failures: list[dict] = []
     counts = {"lesions": 0, "scans": 0, "unlabelled": 0}
     keys = KEYS["lesions"]
@@ -180,6 +185,7 @@ def _run_extract(args) -> int:
 
     build_patch_cache(out_dir, chunks(), channels=tuple(args.channels), patch_mm=args.patch_mm,
                       patch_voxels=args.patch_voxels, dtype=np.dtype(args.dtype),
+                      snap_to_voxels=not args.no_snap,
                       metadata={"lesions_dir": str(Path(args.lesions).resolve()),
                                 "labels": str(Path(args.labels).resolve()) if args.labels
                                 else None, "min_long_axis_mm": args.min_long_axis_mm},

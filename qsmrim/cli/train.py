@@ -157,6 +157,7 @@ def _training_data(args, config):
                                  lesions_dir=args.lesions, labels=labels,
                                  channels=config.channels, patch_mm=config.patch_mm,
                                  patch_voxels=config.patch_voxels,
+                                 snap_to_voxels=config.snap_to_voxels,
                                  min_long_axis_mm=args.min_long_axis_mm,
                                  progress=config.progress)
         else:

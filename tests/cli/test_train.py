@@ -41,6 +41,8 @@ def test_train_from_patch_cache_and_bundle(tmp_path, capsys):
     assert "out-of-fold ROC AUC" in captured.out
     model = RimCNN.load(out)
     assert len(model.networks) == 2 and model.config["label_column"] == "consensus"
+    # the cache was cut without snapping; predict must cut this model's patches the same way
+    assert model.snap_to_voxels is False
     card = (out / "model_card.md").read_text()
     assert "qsmrim train" in card and "--patches" in card
     # the MONAI bundle loads with MONAI's parser and reproduces the model (no TTA)
@@ -144,10 +146,11 @@ def test_train_on_two_caches_keeps_their_patients_apart(tmp_path, capsys):
     # the second cohort reuses the first one's participant ids, as two simulations would
     renamed = dict(zip(sorted(t.loc[~half, "participant_id"].unique()),
                        sorted(t.loc[half, "participant_id"].unique())))
-    build_patch_cache(tmp_path / "siteA", [(x[half], t[half])], patch_mm=16.0, patch_voxels=16)
+    build_patch_cache(tmp_path / "siteA", [(x[half], t[half])], patch_mm=16.0, patch_voxels=16,
+                      snap_to_voxels=True)
     build_patch_cache(tmp_path / "siteB",
                       [(x[~half], t[~half].replace({"participant_id": renamed}))],
-                      patch_mm=16.0, patch_voxels=16)
+                      patch_mm=16.0, patch_voxels=16, snap_to_voxels=True)
     out = tmp_path / "model"
     rc = main(["train", "--patches", str(tmp_path / "siteA"), str(tmp_path / "siteB"),
                "--config", str(_write_config(tmp_path, patch_mm=16.0, patch_voxels=16)),
@@ -158,5 +161,6 @@ def test_train_on_two_caches_keeps_their_patients_apart(tmp_path, capsys):
     assert len(val) == 8 and all(p.split("/")[0] in ("siteA", "siteB") for p in val)
     oof = pd.read_csv(out / "val_predictions.tsv", sep="\t")
     assert len(oof) == len(t) and oof["participant_id"].nunique() == 8
+    assert RimCNN.load(out).snap_to_voxels is True
     card = (out / "model_card.md").read_text()
     assert f"--patches {tmp_path / 'siteA'} {tmp_path / 'siteB'}" in card

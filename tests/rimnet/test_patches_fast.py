@@ -28,6 +28,7 @@ def _reference_path(monkeypatch):
                         lambda cents, *a, **k: np.zeros(len(cents), bool))
 
 
+@pytest.mark.parametrize("snap", [False, True])
 @pytest.mark.parametrize("layout", ["C", "F"])  # NIfTI volumes load Fortran-ordered
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("geometry", [
@@ -37,7 +38,7 @@ def _reference_path(monkeypatch):
     ((0.9, 0.9, 2.0), 32.0, 32, ("qsm", "flair", "lesion", "others")),  # off-grid: reference
 ])
 def test_batched_path_equals_per_lesion_path_bit_for_bit(rng, monkeypatch, dtype, geometry,
-                                                         layout):
+                                                         layout, snap):
     vs, patch_mm, p, channels = geometry
     chi, flair, labels, ids = _scan(rng, dtype=dtype)
     chi, flair, labels = (np.asarray(a, order=layout) for a in (chi, flair, labels))
@@ -45,7 +46,9 @@ def test_batched_path_equals_per_lesion_path_bit_for_bit(rng, monkeypatch, dtype
     cents[::3] = np.round(cents[::3])  # integer centres: zero interpolation weights
     cents[1::5] = np.floor(cents[1::5]) + 0.5
     kw = dict(voxel_size_mm=vs, patch_mm=patch_mm, patch_voxels=p, channels=channels,
-              centroids_vox=cents)
+              centroids_vox=cents, snap_to_voxels=snap)
+    if snap:
+        cents = patches.snap_centres(cents, voxel_size_mm=vs, patch_mm=patch_mm, patch_voxels=p)
     on_grid = patches._on_grid_lesions(cents, labels.shape, voxel_size_mm=np.asarray(vs),
                                        patch_mm=patch_mm, patch_voxels=p)
     fast = extract_patches({"qsm": chi, "flair": flair}, labels, ids, **kw)
