@@ -246,16 +246,29 @@ def get_preset(name: str | CohortPreset, overrides: dict | None = None) -> Cohor
             preset = dataclasses.replace(preset, **{key: _coerce(value, getattr(preset, key))})
             continue
         group, _, gkey = key.rpartition(".")
-        fields = {f.name for f in dataclasses.fields(GroupSpec)} - {"style", "type_probs"}
+        in_style = group.lower() == "style" or group.lower().endswith(".style")
+        if in_style:  # "[GROUP.]style.FIELD": a field of the group's LesionStyle
+            group = group[:-len("style")].rstrip(".")
+            fields = {f.name for f in dataclasses.fields(LesionStyle)} - {"location_probs"}
+        else:
+            fields = {f.name for f in dataclasses.fields(GroupSpec)} - {"style", "type_probs"}
         if gkey not in fields:
+            if in_style:
+                raise InputError(f"unknown lesion-style key {key!r}; style keys: "
+                                 f"{sorted(fields)}")
             raise InputError(f"unknown preset key {key!r}; preset keys: {sorted(_PRESET_KEYS)}, "
-                             f"group keys: {sorted(fields)}")
+                             f"group keys: {sorted(fields)}, lesion-style keys: style.KEY")
         groups = []
         hit = False
         for g in preset.groups:
             if not group or g.diagnosis.lower() == group.lower():
                 hit = True
-                g = dataclasses.replace(g, **{gkey: _coerce(value, getattr(g, gkey))})
+                if in_style:
+                    style = dataclasses.replace(
+                        g.style, **{gkey: _coerce(value, getattr(g.style, gkey))})
+                    g = dataclasses.replace(g, style=style)
+                else:
+                    g = dataclasses.replace(g, **{gkey: _coerce(value, getattr(g, gkey))})
             groups.append(g)
         if not hit:
             raise InputError(f"preset {preset.name!r} has no group {group!r}; groups: "
