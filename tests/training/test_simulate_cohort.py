@@ -126,6 +126,14 @@ def test_bad_presets_are_clear_errors():
         get_preset("general-ms", {"lesions_mean": "many"})
     p = get_preset("seed-study", {"MS.lesions_mean": "8", "n_readers": "5"})
     assert p.groups[0].lesions_mean == 8.0 and p.n_readers == 5
+    # lesion-style fields: one group's, or every group's
+    p = get_preset("seed-study", {"MS.style.prl_size_bias": "0"})
+    assert p.groups[0].style.prl_size_bias == 0.0
+    assert p.groups[1].style == get_preset("seed-study").groups[1].style
+    p = get_preset("seed-study", {"style.central_vein_prob": "0.1"})
+    assert [g.style.central_vein_prob for g in p.groups] == [0.1, 0.1]
+    with pytest.raises(InputError, match="unknown lesion-style key 'MS.style.bogus'"):
+        get_preset("general-ms", {"MS.style.bogus": 1})
     with pytest.raises(InputError, match="n_subjects"):
         plan_cohort("general-ms", n_subjects=0, **PROC)
 
