@@ -721,8 +721,8 @@ def load_patch_caches(cache_dirs: Sequence) -> tuple[np.ndarray, pd.DataFrame]:
     and normalisation; their patches are read into memory and stacked in the order given.
     Patients are told apart by cache: if a ``participant_id`` occurs in more than one cache
     (``sub-001`` of two simulated cohorts, or of two sites), every ``participant_id`` becomes
-    ``<cache folder name>/<participant_id>`` so that cross-validation never splits two different
-    people as one or merges them.
+    ``<cache folder name>/<participant_id>`` (``<parent>/<folder>/<participant_id>`` if the
+    folder names coincide) so that cross-validation never treats two people as one.
 
     Parameters
     ----------
@@ -753,7 +753,9 @@ def load_patch_caches(cache_dirs: Sequence) -> tuple[np.ndarray, pd.DataFrame]:
                 f"{cache}: patch cache differs from {cache_dirs[0]} in "
                 + ", ".join(f"{k} ({table.attrs.get(k)} vs {meta0.get(k)})" for k in diff)
                 + "; rebuild the caches with the same `qsmrim extract` settings")
-    names = [c.name for c in cache_dirs]
+    names = [c.name for c in cache_dirs]  # e.g. siteA, siteB
+    if len(set(names)) != len(names):  # e.g. cohort1/patches, cohort2/patches
+        names = [f"{c.parent.name}/{c.name}" for c in cache_dirs]
     if len(set(names)) != len(names):
         names = [f"cache{i}" for i in range(len(cache_dirs))]
     ids = [set(t["participant_id"].astype(str)) for _, t in loaded]

@@ -178,6 +178,13 @@ def test_several_caches_stack_and_keep_patients_apart(tmp_path, rng):
     cc = _cache(tmp_path / "cohortC", b, ["sub-009"])
     _, table = load_patch_caches([ca, cc])
     assert table["participant_id"].tolist() == ["sub-001", "sub-002", "sub-009"]
+    # caches with the same folder name are told apart by their parent folder
+    c1 = _cache(tmp_path / "cohort1" / "patches", a, ["sub-001", "sub-002"])
+    c2 = _cache(tmp_path / "cohort2" / "patches", b, ["sub-001"])
+    _, table = load_patch_caches([c1, c2])
+    assert table["participant_id"].tolist() == ["cohort1/patches/sub-001",
+                                                "cohort1/patches/sub-002",
+                                                "cohort2/patches/sub-001"]
     # one cache: exactly load_patch_cache
     p1, t1 = load_patch_caches([ca])
     assert p1.dtype == np.float16 and "source_cache" not in t1.columns
