@@ -258,6 +258,9 @@ def main(argv=None):
         fm = res.mask.astype(bool)
         n_pipe = nrmse(res.chi_ppm, truth, fm)
         n_ref = nrmse(chi_ref, truth, fm & brain)
+        # the same voxels for both: brain tissue the pipeline returned (fm alone also scores
+        # the sinus and CSF voxels the computed mask adds outside the phantom's brain)
+        n_pipe_brain = nrmse(res.chi_ppm, truth, fm & brain)
         ref_mean = truth[fm].mean()
         pipe_mean = res.chi_ppm[fm].mean()
         nuclei = {}
@@ -279,6 +282,7 @@ def main(argv=None):
         out = {"echo_times_s": list(te), "wall_s": wall, "stage_s": res.timings_s,
                "stage_cpu_s": cpu_s,
                "nrmse": n_pipe, "ref_nrmse_same_mask": n_ref, "ratio": n_pipe / n_ref,
+               "nrmse_brain": n_pipe_brain, "ratio_brain": n_pipe_brain / n_ref,
                "nuclei": nuclei, "max_nucleus_err": max(abs(v["err"]) for v in nuclei.values()),
                "rim_contrast_true": c_true, "rim_contrast_est": c_est,
                "rim_retained": c_est / c_true, "rim_retained_isolated": c_iso / c_true,
@@ -293,7 +297,10 @@ def main(argv=None):
         print(f"brain mask Dice vs phantom {dice:.3f}; final mask {fm.sum()} of "
               f"{brain.sum()} brain voxels")
         print(f"NRMSE pipeline {n_pipe:.3f} vs isolated-dipole {args.method} {n_ref:.3f} "
-              f"(same mask): ratio {n_pipe / n_ref:.2f} (target <= 1.5)")
+              f"(pipeline scored on its mask, reference on mask & brain): ratio "
+              f"{n_pipe / n_ref:.2f} (target <= 1.5)")
+        print(f"NRMSE both on mask & phantom brain ({(fm & brain).sum()} voxels): pipeline "
+              f"{n_pipe_brain:.3f} vs {n_ref:.3f}: ratio {n_pipe_brain / n_ref:.2f}")
         for name, v in nuclei.items():
             print(f"  {name:17s} est {v['est']:+.4f} true {v['true']:+.4f} "
                   f"err {v['err']:+.4f} ppm (isolated-dipole {args.method} err "
