@@ -164,3 +164,22 @@ def test_train_on_two_caches_keeps_their_patients_apart(tmp_path, capsys):
     assert RimCNN.load(out).snap_to_voxels is True
     card = (out / "model_card.md").read_text()
     assert f"--patches {tmp_path / 'siteA'} {tmp_path / 'siteB'}" in card
+
+
+def test_folds_in_parallel_processes_give_the_same_model(tmp_path, capsys):
+    x, t = make_synthetic_patches(40, patch_voxels=16, seed=5, n_patients=6, prevalence=0.4)
+    build_patch_cache(tmp_path / "cache", [(x, t)], patch_mm=16.0, patch_voxels=16)
+    cfg = str(_write_config(tmp_path, patch_mm=16.0, patch_voxels=16))
+    common = ["train", "--patches", str(tmp_path / "cache"), "--config", cfg, "--folds", "3",
+              "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "serial")]) == 0
+    assert main(common + ["--out", str(tmp_path / "jobs"), "--jobs", "2"]) == 0, \
+        capsys.readouterr().err
+    a = pd.read_csv(tmp_path / "serial" / "val_predictions.tsv", sep="\t")
+    b = pd.read_csv(tmp_path / "jobs" / "val_predictions.tsv", sep="\t")
+    # each fold is seeded and single-threaded, so where it runs does not matter
+    np.testing.assert_allclose(b["logit"], a["logit"], rtol=1e-5, atol=1e-6)
+    assert main(common + ["--out", str(tmp_path / "jobs"), "--jobs", "2"]) == 2
+    assert "already holds a model" in capsys.readouterr().err
+    assert main(common + ["--out", str(tmp_path / "x"), "--jobs", "2", "--fold", "0"]) == 2
+    assert "drop --fold" in capsys.readouterr().err
