@@ -4,6 +4,7 @@ Usage (the acceptance figures: 5-fold CV on 2,000 lesions <= 15 min on 2 cores;
 inference >= 500 lesions/s on 2 cores)::
 
     python benchmarks/bench_train.py --n 2000 --folds 5 --threads 2
+    python benchmarks/bench_train.py --n 2000 --folds 5 --jobs 2   # folds side by side
     python benchmarks/bench_train.py --inference-only --threads 2
 
 Prints one line per measurement. Patches come from tests/rimnet/synthetic_patches.py
@@ -62,7 +63,32 @@ def bench_inference(model_dir=None, *, n=2000, threads=2, folds=5, patch_voxels=
     model.networks = all_nets
 
 
-def bench_cv(*, n, folds, epochs, threads, seed, out, only=None):
+def _cv_in_processes(x, t, out, *, folds, epochs, jobs, only):
+    """Wall time of ``qsmrim train --jobs`` (or of ``only`` folds, one process each)."""
+    import subprocess
+
+    from rimnet.patches import build_patch_cache
+
+    cache = Path(out).parent / "cache"
+    build_patch_cache(cache, [(x, t)], patch_mm=32.0, patch_voxels=x.shape[-1])
+    cmd = [sys.executable, "-m", "qsmrim", "train", "--patches", str(cache), "--label-column",
+           "label", "--folds", str(folds), "--threads", "1", "--out", str(out), "--no-progress",
+           *(["--epochs", str(epochs)] if epochs else [])]
+    t0 = time.perf_counter()
+    if only:  # the first folds side by side, as --jobs runs them
+        procs = [subprocess.Popen(cmd + ["--fold", str(k)]) for k in only]
+        if any(p.wait() for p in procs):
+            raise SystemExit("a fold failed")
+        dt = time.perf_counter() - t0
+        rounds = -(-folds // jobs)
+        print(f"cv: folds {only} side by side, 1 thread each: {dt:.0f} s; {folds} folds in "
+              f"{jobs} processes take {rounds} such rounds", flush=True)
+        return dt * rounds * len(only) / folds  # bench_cv scales by folds / len(only)
+    subprocess.run(cmd + ["--jobs", str(jobs)], check=True)
+    return time.perf_counter() - t0
+
+
+def bench_cv(*, n, folds, epochs, threads, seed, out, only=None, jobs=1):
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     # rendered at 1 mm (32^3) and resampled to the configured patch size, as patches are
@@ -82,8 +108,12 @@ def bench_cv(*, n, folds, epochs, threads, seed, out, only=None):
                       **({"epochs": epochs} if epochs else {}))
     t0 = time.perf_counter()
     todo = list(range(only)) if only else None
-    train_model(x, t, config=cfg, out_dir=out, command="benchmarks/bench_train.py", folds=todo)
-    dt = time.perf_counter() - t0
+    if jobs > 1:
+        dt = _cv_in_processes(x, t, out, folds=folds, epochs=epochs, jobs=jobs, only=todo)
+    else:
+        train_model(x, t, config=cfg, out_dir=out, command="benchmarks/bench_train.py",
+                    folds=todo)
+        dt = time.perf_counter() - t0
     if only:
         logs = [(Path(out) / f"fold_{k}" / "log.jsonl").read_text().splitlines()
                 for k in range(only)]
@@ -98,8 +128,9 @@ def bench_cv(*, n, folds, epochs, threads, seed, out, only=None):
     eps = m["best_epochs"]
     n_epochs = [len((Path(out) / f"fold_{k}" / "log.jsonl").read_text().splitlines())
                 for k in range(folds)]
-    print(f"cv: {folds}-fold on {n} lesions: {dt:.0f} s ({dt / 60:.1f} min) on {threads} "
-          f"threads; epochs run {n_epochs}, best {eps}", flush=True)
+    how = f"{jobs} processes x 1 thread" if jobs > 1 else f"{threads} threads"
+    print(f"cv: {folds}-fold on {n} lesions: {dt:.0f} s ({dt / 60:.1f} min) on {how}; "
+          f"epochs run {n_epochs}, best {eps}", flush=True)
     p = m["pooled"]
     print(f"cv: pooled out-of-fold ROC AUC {p['roc_auc']:.3f}, PR AUC {p['pr_auc']:.3f}, "
           f"NLL {p['nll_uncalibrated']:.3f} -> {p['nll_calibrated']:.3f} after temperature, "
@@ -120,6 +151,9 @@ def main():
     ap.add_argument("--only-folds", type=int, default=None,
                     help="train only the first K folds and extrapolate the CV time")
     ap.add_argument("--keep", type=Path, default=None, help="keep the model dir here")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="train folds in this many single-threaded processes (qsmrim train "
+                         "--jobs)")
     args = ap.parse_args()
     if args.inference_only:
         bench_inference(threads=args.threads, folds=args.folds, patch_voxels=args.patch_voxels)
@@ -127,7 +161,7 @@ def main():
     out = args.keep or Path(tempfile.mkdtemp()) / "model"
     try:
         bench_cv(n=args.n, folds=args.folds, epochs=args.epochs, threads=args.threads,
-                 seed=args.seed, out=out, only=args.only_folds)
+                 seed=args.seed, out=out, only=args.only_folds, jobs=args.jobs)
         if not args.only_folds:
             bench_inference(out, threads=args.threads)
     finally:

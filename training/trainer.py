@@ -504,7 +504,10 @@ def _train(patches, table, *, config, out_dir, resume, folds, command, info) -> 
     cfg_path = out_dir / "config.json"
     cfg_dict = {**config.to_dict(), "type_names": type_names}
     if info.is_main:
-        if cfg_path.exists() and not resume:
+        # sibling jobs of a job array (folds=[k]) share config.json and splits.json; only
+        # a fold that already has files, or a whole run over an existing one, is refused
+        started = folds is None or any((out_dir / f"fold_{int(k)}").exists() for k in folds)
+        if cfg_path.exists() and not resume and started:
             raise InputError(f"{out_dir} already holds a model; pass --resume to continue "
                              "it or choose another --out folder")
         if cfg_path.exists():

@@ -183,3 +183,6 @@ def test_folds_in_parallel_processes_give_the_same_model(tmp_path, capsys):
     assert "already holds a model" in capsys.readouterr().err
     assert main(common + ["--out", str(tmp_path / "x"), "--jobs", "2", "--fold", "0"]) == 2
     assert "drop --fold" in capsys.readouterr().err
+    # job arrays: sibling fold jobs share config.json; a fold that has run is not redone
+    assert main(common + ["--out", str(tmp_path / "jobs"), "--fold", "1"]) == 2
+    assert "already holds a model" in capsys.readouterr().err
