@@ -219,7 +219,7 @@ def _train_folds_in_parallel(args: argparse.Namespace, config) -> None:
 
     Data-parallel training (``torchrun``) splits each batch over processes, which pays off on
     GPUs; on a few CPU cores, independent folds in single-threaded processes keep every core
-    busy without synchronisation (about 2x a 2-thread run on 2 cores).
+    busy without synchronisation (timings in docs/benchmarks.md).
     """
     import multiprocessing
     import os
