@@ -26,7 +26,7 @@ for c in cohort1 cohort2; do
     --labels "$work/$c/bids/derivatives/lesions/lesions.tsv"
 done
 qsmrim train --patches "$work/cohort1/patches" "$work/cohort2/patches" \
-  --label-column truth_prl --folds 5 --seed 0 --epochs 50 --patience 15 --jobs 2 \
+  --label-column truth_prl --folds 5 --seed 0 --epochs 40 --patience 10 --jobs 2 \
   --out "$model"
 # other settings are the defaults (training/config.py): lesion-edge shell features,
 # 32 mm / 32 samples, deploy prevalence 0.11
