@@ -235,15 +235,16 @@ def _train_folds_in_parallel(args: argparse.Namespace, config) -> None:
     if (args.out / "config.json").exists() and not args.resume:
         raise InputError(f"{args.out} already holds a model; pass --resume to continue it or "
                          "choose another --out folder")
-    folds = list(range(config.n_folds))
-    groups = [folds[i::args.jobs] for i in range(min(args.jobs, len(folds)))]
+    n_jobs = min(args.jobs, config.n_folds)
     job_config = config.replace(threads=config.threads or 1, progress=False)
-    log.info("training folds %s in %d processes (%d thread(s) each)", groups, len(groups),
+    log.info("training %d folds in %d processes (%d thread(s) each)", config.n_folds, n_jobs,
              job_config.threads)
     ctx = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
     level = logging.getLogger().getEffectiveLevel()
-    with ProcessPoolExecutor(max_workers=len(groups), mp_context=ctx) as pool:
-        futures = [pool.submit(_fold_job, args, job_config, g, level) for g in groups]
+    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx) as pool:
+        # one task per fold: a process that finishes early takes the next fold
+        futures = [pool.submit(_fold_job, args, job_config, [k], level)
+                   for k in range(config.n_folds)]
         for fut in futures:
             fut.result()  # a failed fold raises here, after the others finish
 
