@@ -39,3 +39,11 @@ def test_extract_builds_a_labelled_cache(tmp_path, rng):
     assert np.all(patches[:, 2].astype(float).sum(axis=(1, 2, 3)) > 5)
     assert main(["extract", str(tmp_path / "bids"), str(cache), "--lesions",
                  str(tmp_path / "les"), "--qsm", str(tmp_path / "qsm")]) == 2
+    # snapped to the voxel grid by default (recorded for training), centroid-centred on request
+    assert table.attrs["snap_to_voxels"] is True
+    assert main(["extract", str(tmp_path / "bids"), str(tmp_path / "plain"), "--lesions",
+                 str(tmp_path / "les"), "--qsm", str(tmp_path / "qsm"), "--patch-voxels", "16",
+                 "--no-snap"]) == 0
+    plain, plain_table = load_patch_cache(tmp_path / "plain")
+    assert plain_table.attrs["snap_to_voxels"] is False
+    assert plain.shape == patches.shape
