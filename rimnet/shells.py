@@ -43,7 +43,7 @@ from torch import nn
 
 from rimnet.patches import QSM_SCALE
 
-__all__ = ["ShellFeatures", "SHELL_FEATURE_NAMES"]
+__all__ = ["ShellFeatures", "SHELL_FEATURE_NAMES", "fast_shell_features"]
 
 SHELL_FEATURE_NAMES = ("noise", "in1", "in2", "in3", "core", "out1", "out2",
                        "edge_positive_fraction", "rim_minus_core")
@@ -175,3 +175,30 @@ class ShellFeatures(nn.Module):
         feats = torch.stack([noise, in1, in2, in3, core, out1, out2, pos, rim_minus_core],
                             dim=1)
         return feats, ref
+
+
+def fast_shell_features(shells: ShellFeatures, x: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``shells(x)``, by the compiled kernel where it applies.
+
+    For a CPU float32 batch of patches of at most 64 voxels a side that needs no gradient,
+    :func:`rimnet._kernels.shell_features` (equal to the module up to float32 rounding,
+    about 10x faster on CPU); otherwise the module itself (GPU, other dtypes). The features
+    are inputs of the network's head, never differentiated, so training and inference may
+    both use it.
+
+    Returns
+    -------
+    features : Tensor, shape (N, 9)
+    reference : Tensor, shape (N,)
+    """
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.ndim != 5
+            or x.shape[-1] > 64 or x.requires_grad):
+        return shells(x)
+    from rimnet._kernels import shell_features
+
+    feats, ref = shell_features(x.numpy(), qsm_channel=shells.qsm_channel,
+                                lesion_channel=shells.lesion_channel,
+                                others_channel=shells.others_channel, clip=shells.clip,
+                                positive=shells.positive)
+    return torch.from_numpy(feats), torch.from_numpy(ref)

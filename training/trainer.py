@@ -54,6 +54,7 @@ from rimnet.model import (
     save_state_dict,
 )
 from rimnet.network import build_network
+from rimnet.shells import fast_shell_features
 from rimnet.transforms import build_train_transforms
 from training import calibration
 from training.config import TrainConfig
@@ -324,6 +325,7 @@ def _train_fold(k: int, patches, labels, types, train_idx, val_idx, *, config: T
         state = {key: ck[key] for key in state}
         log.info("fold %d: resuming after epoch %d", k, state["epoch"])
     model = wrap_model(net, info)
+    shells = getattr(net, "shells", None)
 
     transform = build_train_transforms(
         channel_names=config.channels, flip_prob=config.flip_prob,
@@ -369,7 +371,8 @@ def _train_fold(k: int, patches, labels, types, train_idx, val_idx, *, config: T
         for batch in loader:
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device)
-            out = model(x)
+            # shell features are inputs of the head (no gradient): the compiled kernel on CPU
+            out = model(x) if shells is None else model(x, fast_shell_features(shells, x))
             loss = rim_loss(out[:, 0], y)
             if config.n_types > 0 and (batch["type"] >= 0).any():
                 loss = loss + config.type_weight * type_loss(out[:, 1:], batch["type"].to(device))

@@ -131,3 +131,23 @@ def test_slice_blur_acts_on_image_channels_along_axis_2_only(rng):
     assert out[0, 0, 0, 8] < 1.0 and out[0, 0, 0, 7] > 0.0  # spread across slices
     np.testing.assert_allclose(out[0][:, :, 8], out[0][0, 0, 8])  # not in-plane
     np.testing.assert_array_equal(out[2], img[2])  # masks untouched
+
+
+def test_fast_shell_features_equal_the_module_and_fall_back_when_they_must(rng):
+    import torch
+
+    from rimnet.shells import ShellFeatures, fast_shell_features
+
+    x = torch.zeros(3, 4, 24, 24, 24)
+    x[:, 0] = torch.as_tensor(rng.normal(0, 0.3, (3, 24, 24, 24)), dtype=torch.float32)
+    x[:, 2, 9:15, 8:16, 10:14] = 1.0
+    x[1, 3, 2:5, 2:5, 2:5] = 1.0
+    sh = ShellFeatures(qsm_channel=0, lesion_channel=2, others_channel=3)
+    want = sh(x)
+    got = fast_shell_features(sh, x)  # the compiled kernel
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    # a tensor that needs a gradient, or float64, goes through the module itself
+    for y in (x.clone().requires_grad_(True), x.double()):
+        for g, w in zip(fast_shell_features(sh, y), sh(y)):
+            assert torch.equal(g, w)
