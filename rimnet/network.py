@@ -13,10 +13,12 @@ Architectures (``arch``):
     stem and max pooling, widths ``channels`` (4 values). About 0.2 M parameters (~1 MB) at
     the default widths (8, 16, 32, 64); the stem brings a 32-voxel patch to 8^3 fast, which
     is what keeps CPU inference fast.
-``"fastresnet"`` (the training default)
+``"fastresnet"``
     The same ResNet with a "patchify" stem: two 2x2x2 stride-2 convolutions (MONAI
     :class:`~monai.networks.blocks.Convolution`) replace the 3x3x3 convolution and the max
-    pooling, which dominate the CPU time of the ``resnet`` stem; about 1.8x faster.
+    pooling, which dominate the CPU time of the ``resnet`` stem; about 1.6-1.8x faster.
+    In a one-fold comparison on simulated data it ranked rims a little worse than
+    ``resnet`` (the training default), see docs/benchmarks.md.
 ``"convnet"``
     A plain stack of MONAI :class:`~monai.networks.blocks.Convolution` blocks (stride-2
     convolution + a stride-1 convolution per width), widths ``channels`` (any length).
