@@ -62,6 +62,7 @@ __all__ = [
     "lesion_centroids_vox",
     "patch_coordinates",
     "snap_centres",
+    "snappable_axes",
     "extract_patches",
     "build_patch_cache",
     "load_patch_cache",
@@ -294,12 +295,24 @@ def snap_centres(centres_vox: np.ndarray, *, voxel_size_mm, patch_mm: float,
     """
     cents = np.array(centres_vox, dtype=float).reshape(-1, 3)
     step_vox = (patch_mm / patch_voxels) / np.asarray(voxel_size_mm, dtype=float)
-    for a in range(3):
+    for a in snappable_axes(voxel_size_mm, patch_mm=patch_mm, patch_voxels=patch_voxels,
+                            tol=tol):
         whole = np.round(step_vox[a])
-        if whole >= 1 and abs(step_vox[a] - whole) <= tol:
-            half = (patch_voxels - 1) / 2.0 * whole
-            cents[:, a] = np.floor(cents[:, a] - half + 0.5) + half
+        half = (patch_voxels - 1) / 2.0 * whole
+        cents[:, a] = np.floor(cents[:, a] - half + 0.5) + half
     return cents
+
+
+def snappable_axes(voxel_size_mm, *, patch_mm: float, patch_voxels: int,
+                   tol: float = 1e-3) -> list[int]:
+    """Array axes along which the patch spacing is a whole number of voxels (0, 1, 2).
+
+    Along those :func:`snap_centres` makes the samples voxels; along the others patches are
+    interpolated (e.g. 1 mm samples of 0.9 mm pixels or 2 mm slices).
+    """
+    step_vox = (patch_mm / patch_voxels) / np.asarray(voxel_size_mm, dtype=float)
+    whole = np.round(step_vox)
+    return [a for a in range(3) if whole[a] >= 1 and abs(step_vox[a] - whole[a]) <= tol]
 
 
 def _linear_axis(coords: np.ndarray, size: int):

@@ -394,6 +394,7 @@ class Predictor:
             raise InputError("patch channels, size and grid come from the model; do not set "
                              "them")
         self._snap_to_voxels = True if snap_to_voxels is None else bool(snap_to_voxels)
+        self._warned_interpolated = False
         self._channels = tuple(channels) if channels else ("qsm", "lesion", "others")
         self._patch_mm = float(patch_mm or 32.0)
         self._patch_voxels = int(patch_voxels or 32)
@@ -529,6 +530,7 @@ class Predictor:
             swi_path = chimap.with_name(chimap.name.replace("_Chimap.", "_swi."))
             swi = load_nifti(swi_path)[0] if swi_path.is_file() else None
         vs = voxel_sizes_mm(aff)
+        self._warn_interpolated(vs, scan)
 
         lmap, laff = load_nifti(scan.lesion_path)
         labels = label_lesions(lmap, voxel_size_mm=voxel_sizes_mm(laff),
@@ -574,6 +576,27 @@ class Predictor:
         t["patches"] = time.perf_counter() - t1
         return ScanResult(table=table, labels=labels, affine=aff, images=images,
                           timings_s=t), patches
+
+    def _warn_interpolated(self, voxel_size_mm, scan: ScanInputs) -> None:
+        """Warn once if the model was trained on voxel-grid crops and this scan cannot be cut so.
+
+        On such scans (e.g. 0.9x0.9x2 mm) the patches are interpolated, a rim looks weaker
+        than in training, and the probabilities run low (the ranking holds better).
+        """
+        if self.model is None or not self.snap_to_voxels or self._warned_interpolated:
+            return
+        from rimnet.patches import snappable_axes
+
+        step = self.patch_mm / self.patch_voxels
+        if len(snappable_axes(voxel_size_mm, patch_mm=self.patch_mm,
+                              patch_voxels=self.patch_voxels)) == 3:
+            return
+        self._warned_interpolated = True
+        log.warning("%s: voxels of %s mm do not fall on the model's %.3g mm patch grid, so its "
+                    "patches are interpolated while the model was trained on exact crops; "
+                    "expect lower probabilities and fewer calls than on %.3g mm scans (rank "
+                    "by cnn_prob, or choose a threshold on data like yours)", scan.name,
+                    "x".join(f"{v:.3g}" for v in voxel_size_mm), step, step)
 
     def predict_scan(self, scan: ScanInputs, out_dir) -> ScanResult:
         """Score every lesion of one scan (no files written except on-the-fly QSM).

@@ -241,3 +241,26 @@ def test_resume_refuses_other_settings(tmp_path, rng):
         run_batch(scans, tmp_path / "out", predictor=other, progress=False)
     s = run_batch(scans, tmp_path / "out", predictor=other, overwrite=True, progress=False)
     assert len(s["done"]) == 2
+
+
+def test_thick_slices_warn_once_that_patches_are_interpolated(tmp_path, rng, caplog):
+    chi, flair, lesions, _ = scan_arrays(rng, n_lesions=2)
+    write_scan(tmp_path, "sub-01", rng, chi=chi, flair=flair, lesions=lesions,
+               affine=np.diag([1.0, 1.0, 2.0, 1.0]))
+    write_scan(tmp_path, "sub-02", rng, chi=chi, flair=flair, lesions=lesions,
+               affine=np.diag([1.0, 1.0, 2.0, 1.0]))
+    model = StubModel()
+    model.snap_to_voxels = True  # trained on voxel-grid crops
+    pred = Predictor(model, bids_dir=tmp_path / "bids", qsm_dir=tmp_path / "qsm", review=False)
+    with caplog.at_level(logging.WARNING, logger="rimnet.predictor"):
+        for scan in find_lesion_maps(tmp_path / "les"):
+            pred.predict_scan(scan, tmp_path / "out")
+    warned = [r.getMessage() for r in caplog.records if "interpolated" in r.getMessage()]
+    assert len(warned) == 1 and "1x1x2 mm" in warned[0]
+    # a 1 mm scan, or a model trained on interpolated patches, gives no warning
+    caplog.clear()
+    write_scan(tmp_path / "iso", "sub-01", rng, chi=chi, flair=flair, lesions=lesions)
+    pred = Predictor(model, bids_dir=tmp_path / "iso" / "bids", qsm_dir=tmp_path / "iso" / "qsm",
+                     review=False)
+    pred.predict_scan(find_lesion_maps(tmp_path / "iso" / "les")[0], tmp_path / "out2")
+    assert not [r for r in caplog.records if "interpolated" in r.getMessage()]
