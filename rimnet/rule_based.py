@@ -53,6 +53,7 @@ wherever that is proven to reproduce the float32 ones (:func:`_integer_cutoffs`)
 from __future__ import annotations
 
 import functools
+import inspect
 
 import numpy as np
 import pandas as pd
@@ -401,6 +402,37 @@ def _band_cutoffs(spacing_mm, *, t_out, t_in, reach_mm, inner_mm, outer_mm, nawm
     return cut_out, cut_in
 
 
+_RULE_DEFAULTS = {k: v.default for k, v in inspect.signature(rim_features).parameters.items()
+                  if v.kind is inspect.Parameter.KEYWORD_ONLY}
+"""The keyword options of :func:`rim_features` and their defaults (the one place they live)."""
+
+
+def _rule_params(params: dict) -> dict:
+    """Every keyword option of :func:`rim_features`: ``params`` over its defaults.
+
+    Raises
+    ------
+    TypeError
+        An option :func:`rim_features` does not have (as a call with it would).
+    """
+    unknown = sorted(set(params) - set(_RULE_DEFAULTS))
+    if unknown:
+        raise TypeError(f"rim_features() got unexpected keyword argument(s) {unknown}")
+    return {**_RULE_DEFAULTS, **params}
+
+
+def _band_params(p: dict) -> dict:
+    """The options of :func:`_integer_bands` from a :func:`_rule_params` dict."""
+    return {k: p[k] for k in ("rim_inner_mm", "rim_outer_mm", "nawm_inner_mm", "nawm_outer_mm",
+                              "vein_reach_mm")}
+
+
+def _box_pad(p: dict) -> int:
+    """Voxels around a lesion's bounding box that its NAWM ring and vein reach can touch."""
+    return int(np.ceil(max(p["nawm_outer_mm"], p["vein_reach_mm"] + p["rim_outer_mm"])
+                       / p["spacing_mm"])) + 2
+
+
 def _integer_bands(spacing_mm, *, rim_inner_mm, rim_outer_mm, nawm_inner_mm, nawm_outer_mm,
                    vein_reach_mm):
     """Voxel reaches and integer cut-offs of the band tests of the batched paths.
@@ -466,15 +498,16 @@ def rim_features_batch(chi_ppm: np.ndarray, lesion: np.ndarray,
     chi_ppm, lesion = np.asarray(chi_ppm), np.asarray(lesion)
     others = None if others is None else np.asarray(others)
     n = len(chi_ppm)
+    params = _rule_params(params)
     if _COMPILED and n:
-        fast = _rim_features_compiled(chi_ppm, lesion, others, **params)
+        fast = _rim_features_compiled(chi_ppm, lesion, others, params)
         if fast is not None:
             return fast
     # chunks of lesions of similar size share a box size close to their own
     order = np.argsort((lesion > 0.5).reshape(n, -1).sum(axis=1), kind="stable")
     chunks = [order[s:s + _BATCH] for s in range(0, n, _BATCH)]
     feats = map_threads(lambda rows: _rim_features_chunk(
-        chi_ppm[rows], lesion[rows], None if others is None else others[rows], **params),
+        chi_ppm[rows], lesion[rows], None if others is None else others[rows], params),
         chunks)
     out: list[dict] = [{}] * n
     for rows, fs in zip(chunks, feats):
@@ -488,14 +521,8 @@ _COMPILED = True
 (integer distance tests proven, slice axis 2); False: the numpy chunks below."""
 
 
-def _rim_features_compiled(chi_ppm, lesion, others, *, spacing_mm: float = 1.0,
-                           rim_inner_mm: float = 2.0, rim_outer_mm: float = 1.0,
-                           nawm_inner_mm: float = 3.0, nawm_outer_mm: float = 6.0,
-                           n_sectors: int = 12, rim_contrast_ppm: float = 0.01,
-                           coverage_min: float = 2 / 3, min_slices: int = 2,
-                           min_sector_fraction: float = 0.5, vein_min_ppm: float = 0.10,
-                           vein_reach_mm: float = 3.0, contrast_scale_ppm: float = 0.02,
-                           slice_axis: int = 2, qsm_scale: float = 1.0) -> list[dict] | None:
+def _rim_features_compiled(chi_ppm, lesion, others, p: dict, *,
+                           qsm_scale: float = 1.0) -> list[dict] | None:
     """:func:`rim_features_batch` by the compiled kernel, or None where it does not apply.
 
     ``chi_ppm`` may instead be susceptibility times ``qsm_scale`` (float32), which the kernel
@@ -505,23 +532,21 @@ def _rim_features_compiled(chi_ppm, lesion, others, *, spacing_mm: float = 1.0,
     float32/float64 operations in the same order (integer distance tests, exact medians,
     sector sums in voxel order, numpy's pairwise mean), so the features are the same bits.
     """
-    if slice_axis != 2 or chi_ppm.ndim != 4 or chi_ppm.shape[1:] != lesion.shape[1:]:
+    if p["slice_axis"] != 2 or chi_ppm.ndim != 4 or chi_ppm.shape[1:] != lesion.shape[1:]:
         return None
-    t_out, t_in, cut_out, cut_in = _integer_bands(
-        spacing_mm, rim_inner_mm=rim_inner_mm, rim_outer_mm=rim_outer_mm,
-        nawm_inner_mm=nawm_inner_mm, nawm_outer_mm=nawm_outer_mm, vein_reach_mm=vein_reach_mm)
+    t_out, t_in, cut_out, cut_in = _integer_bands(p["spacing_mm"], **_band_params(p))
     if cut_out is None or cut_in is None:
         return None
     from rimnet import _kernels
 
-    pad = int(np.ceil(max(nawm_outer_mm, vein_reach_mm + rim_outer_mm) / spacing_mm)) + 2
     _kernels.set_threads(worker_threads())
     res = _kernels.rule_features(
-        chi_ppm, lesion, others, pad=pad, t_out=t_out, t_in=t_in,
-        cuts=(*cut_out, cut_in[0]), n_sectors=int(n_sectors),
-        rim_contrast_ppm=rim_contrast_ppm, coverage_min=coverage_min,
-        min_slices=int(min_slices), min_sector_fraction=min_sector_fraction,
-        vein_min_ppm=vein_min_ppm, qsm_scale=qsm_scale)
+        chi_ppm, lesion, others, pad=_box_pad(p), t_out=t_out, t_in=t_in,
+        cuts=(*cut_out, cut_in[0]), n_sectors=int(p["n_sectors"]),
+        rim_contrast_ppm=p["rim_contrast_ppm"], coverage_min=p["coverage_min"],
+        min_slices=int(p["min_slices"]), min_sector_fraction=p["min_sector_fraction"],
+        vein_min_ppm=p["vein_min_ppm"], qsm_scale=qsm_scale)
+    coverage_min, contrast_scale_ppm = p["coverage_min"], p["contrast_scale_ppm"]
     out = []
     for run_cov, max_cov, rim_mean, core_ref, nawm, n_sl, n_vein, call in res:
         if n_sl < 0:
@@ -538,25 +563,18 @@ def _rim_features_compiled(chi_ppm, lesion, others, *, spacing_mm: float = 1.0,
     return out
 
 
-def _rim_features_chunk(chi_ppm, lesion, others, *, spacing_mm: float = 1.0,
-                        rim_inner_mm: float = 2.0, rim_outer_mm: float = 1.0,
-                        nawm_inner_mm: float = 3.0, nawm_outer_mm: float = 6.0,
-                        n_sectors: int = 12, rim_contrast_ppm: float = 0.01,
-                        coverage_min: float = 2 / 3, min_slices: int = 2,
-                        min_sector_fraction: float = 0.5, vein_min_ppm: float = 0.10,
-                        vein_reach_mm: float = 3.0, contrast_scale_ppm: float = 0.02,
-                        slice_axis: int = 2) -> list[dict]:
-    kw = dict(spacing_mm=spacing_mm, rim_inner_mm=rim_inner_mm, rim_outer_mm=rim_outer_mm,
-              nawm_inner_mm=nawm_inner_mm, nawm_outer_mm=nawm_outer_mm, n_sectors=n_sectors,
-              rim_contrast_ppm=rim_contrast_ppm, coverage_min=coverage_min,
-              min_slices=min_slices, min_sector_fraction=min_sector_fraction,
-              vein_min_ppm=vein_min_ppm, vein_reach_mm=vein_reach_mm,
-              contrast_scale_ppm=contrast_scale_ppm, slice_axis=slice_axis)
-    t_out, t_in, cut_out, cut_in = _integer_bands(
-        spacing_mm, rim_inner_mm=rim_inner_mm, rim_outer_mm=rim_outer_mm,
-        nawm_inner_mm=nawm_inner_mm, nawm_outer_mm=nawm_outer_mm, vein_reach_mm=vein_reach_mm)
+def _rim_features_chunk(chi_ppm, lesion, others, p: dict) -> list[dict]:
+    """:func:`rim_features` of a chunk of patches together (:func:`rim_features_batch`).
+
+    ``p`` holds every option of :func:`rim_features` (:func:`_rule_params`).
+    """
+    spacing_mm, slice_axis, n_sectors = p["spacing_mm"], p["slice_axis"], p["n_sectors"]
+    rim_contrast_ppm, coverage_min = p["rim_contrast_ppm"], p["coverage_min"]
+    min_slices, min_sector_fraction = p["min_slices"], p["min_sector_fraction"]
+    vein_min_ppm, contrast_scale_ppm = p["vein_min_ppm"], p["contrast_scale_ppm"]
+    t_out, t_in, cut_out, cut_in = _integer_bands(spacing_mm, **_band_params(p))
     if cut_out is None or cut_in is None:
-        return [rim_features(c, le, None if others is None else o, **kw)
+        return [rim_features(c, le, None if others is None else o, **p)
                 for c, le, o in zip(chi_ppm, lesion, others if others is not None
                                     else [None] * len(chi_ppm))]
 
@@ -572,7 +590,7 @@ def _rim_features_chunk(chi_ppm, lesion, others, *, spacing_mm: float = 1.0,
     # the chunk is cut to one common box size around them, `inbox` marking each one's own
     les_rows = les_all[rows]
     m, shape = len(rows), les_rows.shape[1:]
-    pad = int(np.ceil(max(nawm_outer_mm, vein_reach_mm + rim_outer_mm) / spacing_mm)) + 2
+    pad = _box_pad(p)
     lo = np.zeros((m, 3), int)
     hi = np.zeros((m, 3), int)
     p01 = les_rows.any(axis=3)
@@ -816,8 +834,9 @@ class RuleBasedRimDetector(ClassifierMixin, BaseEstimator):
         if _COMPILED and X.dtype == np.float32 and len(X):
             # the kernel divides by QSM_SCALE itself (the same float32 division), which
             # saves a copy of the QSM channel
-            rows = _rim_features_compiled(X[:, iq], X[:, il], others, qsm_scale=QSM_SCALE,
-                                          spacing_mm=spacing, **kw)
+            rows = _rim_features_compiled(X[:, iq], X[:, il], others,
+                                          _rule_params({**kw, "spacing_mm": spacing}),
+                                          qsm_scale=QSM_SCALE)
         if rows is None:
             rows = rim_features_batch(X[:, iq] / QSM_SCALE, X[:, il], others,
                                       spacing_mm=spacing, **kw)
