@@ -21,7 +21,11 @@ Usage::
 
     python benchmarks/bench_predict.py [--threads 2] [--scans 8] [--repeats 3]
         [--model DIR] [--tta none|flip|d4|d4z] [--folds K] [--no-cnn]
-        [--bids DIR --lesions DIR [--qsm DIR]] [--participant-label 001]
+        [--bids DIR --lesions DIR [--qsm DIR [--batch]]] [--participant-label 001]
+
+3. Optional (``--batch`` with ``--qsm``): the whole batch (:func:`rimnet.predictor.run_batch`:
+   loading, scoring, writing the maps; no review montages) without and with prefetching the
+   next scan's files in a background thread, interleaved, as a wall-time ratio.
 """
 
 from __future__ import annotations
@@ -203,6 +207,34 @@ def throughput(predictor, scans, out_dir: Path, *, repeats: int, label: str) -> 
     return figures
 
 
+def batch_prefetch(predictor, scans, out_dir: Path, *, repeats: int) -> list[float]:
+    """Whole ``run_batch`` wall (load, score, write) without and with prefetch, interleaved.
+
+    Returns the ratios wall(no prefetch) / wall(prefetch), one per pass.
+    """
+    from rimnet.predictor import run_batch
+
+    run_batch(scans[:1], out_dir / "warm", predictor=predictor, progress=False)
+    ratios = []
+    for rep in range(repeats):
+        walls = {}
+        for prefetch in (False, True):
+            load0 = load_avg()
+            t0 = time.perf_counter()
+            s = run_batch(scans, out_dir / f"{prefetch}", predictor=predictor, progress=False,
+                          overwrite=True, prefetch=prefetch)
+            walls[prefetch] = time.perf_counter() - t0
+            n = sum(json.loads(f.read_text())["n_lesions"]
+                    for f in (out_dir / f"{prefetch}").glob("sub-*/**/*_scan.json"))
+            print(f"[batch] pass {rep + 1}/{repeats} prefetch={'on ' if prefetch else 'off'}: "
+                  f"{len(s['done'])} scans, {n} lesions in {walls[prefetch]:.2f} s "
+                  f"({walls[prefetch] / len(scans):.2f} s/scan, {n / walls[prefetch]:.0f} "
+                  f"lesions/s incl. loading and writing); load average {load0} -> {load_avg()}")
+        ratios.append(walls[False] / walls[True])
+        print(f"[batch] pass {rep + 1}: wall without / with prefetch = {ratios[-1]:.2f}")
+    return ratios
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -218,6 +250,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lesions", help="lesion-map folder of --bids")
     ap.add_argument("--qsm", help="Chimaps of --bids: measure the throughput on these scans")
     ap.add_argument("--participant-label", nargs="*", default=None)
+    ap.add_argument("--batch", action="store_true",
+                    help="with --qsm: also time whole batches (run_batch) without and with "
+                         "prefetching the next scan's files")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
@@ -251,6 +286,8 @@ def main(argv=None) -> int:
             scans = collect_scans(args.lesions, participant_labels=args.participant_label)
             throughput(pred, scans, tmp / "out2", repeats=args.repeats,
                        label=f"{Path(args.qsm).name} ({len(scans)} scans)")
+            if args.batch:
+                batch_prefetch(pred, scans, tmp / "out3", repeats=args.repeats)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

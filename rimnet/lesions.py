@@ -47,8 +47,12 @@ def is_binary_map(lesion_map: np.ndarray) -> bool:
     m = np.asarray(lesion_map)
     if m.dtype == bool:
         return True
-    vals = np.unique(m)
-    return bool(np.all(np.isin(vals, (0, 1))))
+    if m.size == 0:
+        return True
+    if m.min() < 0 or m.max() > 1:
+        return False
+    # one pass over the volume (np.unique would sort or hash all of it)
+    return bool(np.issubdtype(m.dtype, np.integer) or np.all((m == 0) | (m == 1)))
 
 
 def _check_map(lesion_map: np.ndarray, name: str = "lesion map") -> np.ndarray:
@@ -105,6 +109,11 @@ def long_axis_mm(coords_vox: np.ndarray, voxel_size_mm) -> float:
     return dmax + float(np.sum(u * vs))
 
 
+def _present(slices) -> list[tuple[int, tuple]]:
+    """``(label, bounding box)`` of every label present, from :func:`ndimage.find_objects`."""
+    return [(i + 1, sl) for i, sl in enumerate(slices) if sl is not None]
+
+
 def label_lesions(lesion_map: np.ndarray, *, voxel_size_mm, min_long_axis_mm: float = 3.0,
                   name: str = "lesion map") -> np.ndarray:
     """Label lesions and drop those whose long axis is below ``min_long_axis_mm``.
@@ -134,12 +143,9 @@ def label_lesions(lesion_map: np.ndarray, *, voxel_size_mm, min_long_axis_mm: fl
             raise InputError(f"{name}: labels too large for int32")
         labels = m.astype(np.int32)
     if min_long_axis_mm > 0:
-        ids = np.unique(labels)
-        ids = ids[ids > 0]
         slices = ndimage.find_objects(labels)
         dropped = []
-        for lid in ids:
-            sl = slices[lid - 1]
+        for lid, sl in _present(slices):
             sub = labels[sl] == lid
             coords = np.argwhere(sub) + [s.start for s in sl]
             if long_axis_mm(coords, voxel_size_mm) < min_long_axis_mm:
@@ -242,15 +248,12 @@ def lesion_table(labels: np.ndarray, affine: np.ndarray, *, participant_id: str,
     labels = np.asarray(labels)
     affine = np.asarray(affine, float)
     vs = voxel_sizes_mm(affine)
-    ids = np.unique(labels)
-    ids = [int(i) for i in ids if i > 0]
-    if not ids:
+    present = _present(ndimage.find_objects(labels)) if labels.any() else []
+    if not present:
         return pd.DataFrame(columns=LESION_COLUMNS)
-    slices = ndimage.find_objects(labels)
     margin = np.ceil(neighbour_mm / vs).astype(int) + 1
     rows = []
-    for lid in ids:
-        sl = slices[lid - 1]
+    for lid, sl in present:
         lo = [max(s.start - int(m), 0) for s, m in zip(sl, margin)]
         hi = [min(s.stop + int(m), n) for s, m, n in zip(sl, margin, labels.shape)]
         box = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]

@@ -35,6 +35,7 @@ import logging
 import time
 import traceback
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -504,8 +505,46 @@ class Predictor:
         return written["Chimap"], result, raw_affine
 
     # -- one scan -----------------------------------------------------------------------
-    def prepare_scan(self, scan: ScanInputs, out_dir) -> tuple[ScanResult, np.ndarray]:
+    def read_scan_files(self, scan: ScanInputs, out_dir) -> dict:
+        """Read the image files of one scan that need no reconstruction, for prefetching.
+
+        Reads the Chimap (and its SWI), the lesion map and the FLAIR where they exist. Used by
+        :func:`run_batch` in a background thread to load the next scan while this one is
+        scored; a file that cannot be read is left out, so that :meth:`prepare_scan` meets
+        the same error in its own, failure-isolated place.
+
+        Returns
+        -------
+        dict
+            ``{Path: (data, affine)}`` as returned by :func:`qsm_core.io.nifti.load_nifti`;
+            empty when the scan needs reconstructing (its inputs are read by the recon).
+        """
+        chimap = self._find_chimap(scan, Path(out_dir))
+        if chimap is None:
+            return {}
+        paths = [chimap, chimap.with_name(chimap.name.replace("_Chimap.", "_swi.")),
+                 scan.lesion_path, find_flair(self.bids_dir, scan)]
+        files = {}
+        for path in paths:
+            if path is not None and Path(path).is_file():
+                try:
+                    files[Path(path)] = load_nifti(path)
+                except QSMRimError:
+                    continue  # raised again, isolated, when the scan itself is prepared
+        return files
+
+    def prepare_scan(self, scan: ScanInputs, out_dir, *,
+                     files: dict | None = None) -> tuple[ScanResult, np.ndarray]:
         """Load (or reconstruct) one scan, label its lesions and cut their patches.
+
+        Parameters
+        ----------
+        scan : ScanInputs
+        out_dir : str or Path
+            Output folder (an on-the-fly Chimap is written and looked for there).
+        files : dict, optional
+            Files already read by :meth:`read_scan_files` (``{Path: (data, affine)}``);
+            the others are read here.
 
         Returns
         -------
@@ -515,6 +554,12 @@ class Predictor:
             In the order of ``result.table``, channels :attr:`channels`.
         """
         out_dir = Path(out_dir)
+        files = files or {}
+
+        def read(path):
+            got = files.get(Path(path))
+            return got if got is not None else load_nifti(path)
+
         t: dict[str, float] = {}
         t0 = time.perf_counter()
         chimap = self._find_chimap(scan, out_dir)
@@ -526,13 +571,13 @@ class Predictor:
             swi = None if result.swi is None else np.asarray(result.swi, np.float32)
             del result
         else:
-            chi, aff = load_nifti(chimap)
+            chi, aff = read(chimap)
             swi_path = chimap.with_name(chimap.name.replace("_Chimap.", "_swi."))
-            swi = load_nifti(swi_path)[0] if swi_path.is_file() else None
+            swi = read(swi_path)[0] if swi_path.is_file() else None
         vs = voxel_sizes_mm(aff)
         self._warn_interpolated(vs, scan)
 
-        lmap, laff = load_nifti(scan.lesion_path)
+        lmap, laff = read(scan.lesion_path)
         labels = label_lesions(lmap, voxel_size_mm=voxel_sizes_mm(laff),
                                min_long_axis_mm=self.min_long_axis_mm,
                                name=str(scan.lesion_path))
@@ -545,7 +590,7 @@ class Predictor:
         images: dict[str, np.ndarray] = {"qsm": chi}
         flair_path = find_flair(self.bids_dir, scan)
         if flair_path is not None:
-            fl, faff = load_nifti(flair_path)
+            fl, faff = read(flair_path)
             images["flair"] = resample_image_to(fl, faff, chi.shape, aff, name=str(flair_path))
         elif "flair" in self.channels:
             where = self.bids_dir / scan.folder / "anat" if self.bids_dir else "(no BIDS_DIR)"
@@ -598,8 +643,11 @@ class Predictor:
                     "by cnn_prob, or choose a threshold on data like yours)", scan.name,
                     "x".join(f"{v:.3g}" for v in voxel_size_mm), step, step)
 
-    def predict_scan(self, scan: ScanInputs, out_dir) -> ScanResult:
+    def predict_scan(self, scan: ScanInputs, out_dir, *,
+                     files: dict | None = None) -> ScanResult:
         """Score every lesion of one scan (no files written except on-the-fly QSM).
+
+        ``files``: as in :meth:`prepare_scan`.
 
         Returns
         -------
@@ -607,7 +655,7 @@ class Predictor:
             ``table`` has :data:`PREDICTION_COLUMNS`; ``labels`` the lesion labels on the
             QSM grid; ``images`` the QSM/FLAIR/SWI arrays for the review montage.
         """
-        res, patches = self.prepare_scan(scan, out_dir)
+        res, patches = self.prepare_scan(scan, out_dir, files=files)
         table, t, n = res.table, res.timings_s, len(res.table)
         t2 = time.perf_counter()
         if self.model is not None and n:
@@ -638,8 +686,10 @@ class Predictor:
         return res
 
     # -- one scan, with files -------------------------------------------------------------
-    def process_scan(self, scan: ScanInputs, out_dir) -> dict:
+    def process_scan(self, scan: ScanInputs, out_dir, *, files: dict | None = None) -> dict:
         """Predict one scan and write its outputs atomically; the done marker last.
+
+        ``files``: as in :meth:`prepare_scan`.
 
         Returns
         -------
@@ -650,7 +700,7 @@ class Predictor:
 
         out_dir = Path(out_dir)
         t0 = time.perf_counter()
-        res = self.predict_scan(scan, out_dir)
+        res = self.predict_scan(scan, out_dir, files=files)
         folder = out_dir / scan.folder
         table = res.table
         write_table(table, folder / f"{scan.name}_predictions.tsv", "predictions")
@@ -722,8 +772,21 @@ def _scan_files(out_dir: Path, scan: ScanInputs) -> tuple[Path, Path]:
 
 
 def run_batch(scans: list[ScanInputs], out_dir, *, predictor: Predictor,
-              overwrite: bool = False, progress: bool = True) -> dict:
+              overwrite: bool = False, progress: bool = True, prefetch: bool = True) -> dict:
     """Process scans one by one, isolating failures; skip finished ones unless ``overwrite``.
+
+    Parameters
+    ----------
+    scans : list of ScanInputs
+    out_dir : str or Path
+    predictor : Predictor
+    overwrite : bool
+        Recompute scans that are already done.
+    progress : bool
+        Show a progress bar.
+    prefetch : bool
+        Read the next scan's files (:meth:`Predictor.read_scan_files`) in a background
+        thread while the current one is scored; at most two scans are in memory at once.
 
     Returns
     -------
@@ -750,17 +813,41 @@ def run_batch(scans: list[ScanInputs], out_dir, *, predictor: Predictor,
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(prov_path, prov)
     done, skipped, failures = [], [], []
-    bar = tqdm(scans, desc="qsmrim predict", unit="scan", file=sys.stderr,
-               disable=not progress)
-    for scan in bar:
-        marker, failed = _scan_files(out_dir, scan)
-        if marker.is_file() and not overwrite:
+    todo = []
+    for scan in scans:
+        if _scan_files(out_dir, scan)[0].is_file() and not overwrite:
             skipped.append(scan.name)
-            log.info("%s: already done (%s); skipped", scan.name, marker)
-            continue
+            log.info("%s: already done; skipped", scan.name)
+        else:
+            todo.append(scan)
+    bar = tqdm(todo, desc="qsmrim predict", unit="scan", file=sys.stderr,
+               disable=not progress)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="qsmrim-prefetch") if prefetch else None
+    try:
+        _score_scans(todo, bar, out_dir, predictor, pool, done, failures)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return {"done": done, "skipped": skipped, "failures": failures}
+
+
+def _score_scans(todo, bar, out_dir, predictor, pool, done, failures) -> None:
+    """The loop of :func:`run_batch`: score ``todo``, prefetching with ``pool`` if given."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    pending = None
+    for i, scan in enumerate(bar):
+        failed = _scan_files(out_dir, scan)[1]
         bar.set_postfix_str(scan.name, refresh=False)
         try:
-            predictor.process_scan(scan, out_dir)
+            files = pending.result() if pending is not None else None
+            pending = None
+            if pool is not None and i + 1 < len(todo):
+                pending = pool.submit(predictor.read_scan_files, todo[i + 1], out_dir)
+            predictor.process_scan(scan, out_dir, files=files)
             done.append(scan.name)
         except (KeyboardInterrupt, MemoryError):
             raise
@@ -774,8 +861,6 @@ def run_batch(scans: list[ScanInputs], out_dir, *, predictor: Predictor,
             write_json(failed, rec)
             tqdm.write(f"qsmrim predict: {scan.name} failed: {rec['message']}",
                        file=sys.stderr)
-    bar.close()
-    return {"done": done, "skipped": skipped, "failures": failures}
 
 
 def merge_outputs(out_dir) -> dict:

@@ -1,5 +1,6 @@
 import json
 import logging
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -169,6 +170,38 @@ def test_batch_isolates_failures_and_resumes(tmp_path, rng):
     assert len(pd.read_csv(out / "failures.tsv", sep="\t")) == 0
     html = (out / "index.html").read_text()
     assert "http" not in html.lower().replace("http-equiv", "")
+
+
+def test_batch_prefetch_reads_the_next_scan_in_the_background(tmp_path, rng, monkeypatch):
+    import threading
+
+    import rimnet.predictor as predictor_module
+
+    make_dataset(tmp_path, rng, n_scans=4)
+    scans = find_lesion_maps(tmp_path / "les")
+    reads = []
+    real_load = predictor_module.load_nifti
+
+    def spy(path, **kw):
+        reads.append((Path(path).name, threading.current_thread().name))
+        return real_load(path, **kw)
+
+    monkeypatch.setattr(predictor_module, "load_nifti", spy)
+    tables = {}
+    for prefetch in (False, True):
+        reads.clear()
+        pred = Predictor(StubModel(), bids_dir=tmp_path / "bids", qsm_dir=tmp_path / "qsm",
+                         review=False)
+        out = tmp_path / f"out_{prefetch}"
+        s = run_batch(scans, out, predictor=pred, progress=False, prefetch=prefetch)
+        assert len(s["done"]) == 4
+        tables[prefetch] = merge_outputs(out)["predictions"]
+        in_background = {name.split("_")[0] for name, thread in reads
+                         if thread.startswith("qsmrim-prefetch")}
+        # each file is read once; with prefetch, every scan but the first in the background
+        assert len(reads) == len(set(reads)) == 4 * 3  # Chimap, lesion map, FLAIR
+        assert in_background == ({"sub-02", "sub-03", "sub-04"} if prefetch else set())
+    pd.testing.assert_frame_equal(tables[False], tables[True])
 
 
 def test_shards_partition_the_scans(tmp_path, rng):
