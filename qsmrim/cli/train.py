@@ -204,10 +204,35 @@ def _training_data(args, config):
     return patches, table
 
 
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this worker process soon after its parent dies (started as a daemon thread).
+
+    A ``--jobs`` worker whose parent was killed (``kill PID``, a scheduler's time limit) would
+    otherwise go on training, orphaned, holding its cores. An orphan is re-parented, so its
+    parent process id changes; the thread polls for that and exits the process (the fold
+    resumes from its last checkpoint with ``--resume``).
+    """
+    import os
+    import threading
+    import time
+
+    if any(t.name == "qsmrim-parent-watch" for t in threading.enumerate()):
+        return  # a pool process runs several folds: one watcher is enough
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="qsmrim-parent-watch", daemon=True).start()
+
+
 def _fold_job(args: argparse.Namespace, config, folds: list[int], log_level: int) -> None:
     """One process of ``--jobs``: train ``folds`` (resuming what exists)."""
     from training.trainer import train_model
 
+    _exit_with_parent()
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     patches, table = _training_data(args, config)
     train_model(patches, table, config=config, out_dir=args.out, resume=True, folds=folds,

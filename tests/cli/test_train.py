@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -186,3 +187,52 @@ def test_folds_in_parallel_processes_give_the_same_model(tmp_path, capsys):
     # job arrays: sibling fold jobs share config.json; a fold that has run is not redone
     assert main(common + ["--out", str(tmp_path / "jobs"), "--fold", "1"]) == 2
     assert "already holds a model" in capsys.readouterr().err
+
+
+def test_jobs_worker_exits_when_its_parent_is_killed(tmp_path):
+    # the parent starts a spawned worker (as --jobs does) that watches it, then is SIGKILLed
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, sys, time\n"
+        "def work(path):\n"
+        "    from qsmrim.cli.train import _exit_with_parent\n"
+        "    import os\n"
+        "    _exit_with_parent(poll_s=0.05)\n"
+        "    open(path, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    ctx = multiprocessing.get_context('spawn')\n"
+        "    ctx.Process(target=work, args=(sys.argv[1],)).start()\n"
+        "    time.sleep(120)\n")
+    pid_file = tmp_path / "worker.pid"
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)],
+                              cwd=os.getcwd())
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.is_file() and pid_file.read_text()):
+            assert time.monotonic() < deadline, "worker did not start"
+            time.sleep(0.05)
+        worker = int(pid_file.read_text())
+        os.kill(worker, 0)  # alive
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.kill(worker, 0)
+                status = Path(f"/proc/{worker}/status")
+                if status.is_file() and "\nState:\tZ" in status.read_text():
+                    break  # exited; its new parent has not reaped it yet
+            except (ProcessLookupError, FileNotFoundError):
+                break  # gone
+            assert time.monotonic() < deadline, "orphaned worker kept running"
+            time.sleep(0.05)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
