@@ -156,7 +156,8 @@ def ensemble_logits(nets: Sequence[nn.Module], patches, *, tta: str = "flip",
     for start in range(0, n, batch_size):
         rows = None if order is None else order[start:start + batch_size]
         chunk = patches[start:start + batch_size] if rows is None else patches[rows]
-        x = torch.as_tensor(np.asarray(chunk, dtype=np.float32) if not torch.is_tensor(chunk)
+        # a read-only chunk (a memory-mapped patch cache) is copied: torch would warn
+        x = torch.as_tensor(np.require(chunk, np.float32, ["W"]) if not torch.is_tensor(chunk)
                             else chunk.float())
         # NaN/Inf propagate through a sum: one cheap reduction instead of an elementwise test
         sums = x.reshape(x.shape[0], -1).sum(dim=1)

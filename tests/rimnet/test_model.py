@@ -52,6 +52,21 @@ def test_predict_proba_contract(patches):
     assert m.predict_proba(patches[:0]).shape == (0, 2)
 
 
+def test_read_only_patches_are_scored_without_warning_and_left_intact(tmp_path, patches):
+    # a patch cache is memory-mapped read-only; torch warns on non-writable arrays
+    import warnings
+
+    m = _model()
+    np.save(tmp_path / "p.npy", patches)
+    mapped = np.load(tmp_path / "p.npy", mmap_mode="r")
+    assert not mapped.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = m.predict_proba(mapped)
+    np.testing.assert_array_equal(p, m.predict_proba(patches.copy()))
+    np.testing.assert_array_equal(np.asarray(mapped), patches)
+
+
 def test_save_load_round_trip_identical(tmp_path, patches):
     m = _model()
     p = m.predict_proba(patches)
