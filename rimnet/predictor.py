@@ -522,8 +522,7 @@ class Predictor:
         chimap = self._find_chimap(scan, Path(out_dir))
         if chimap is None:
             return {}
-        paths = [chimap, chimap.with_name(chimap.name.replace("_Chimap.", "_swi.")),
-                 scan.lesion_path, find_flair(self.bids_dir, scan)]
+        paths = [chimap, _swi_beside(chimap), scan.lesion_path, find_flair(self.bids_dir, scan)]
         files = {}
         for path in paths:
             if path is not None and Path(path).is_file():
@@ -572,7 +571,7 @@ class Predictor:
             del result
         else:
             chi, aff = read(chimap)
-            swi_path = chimap.with_name(chimap.name.replace("_Chimap.", "_swi."))
+            swi_path = _swi_beside(chimap)
             swi = read(swi_path)[0] if swi_path.is_file() else None
         vs = voxel_sizes_mm(aff)
         self._warn_interpolated(vs, scan)
@@ -741,6 +740,11 @@ class Predictor:
         if failed.exists():
             failed.unlink()
         return summary
+
+
+def _swi_beside(chimap: Path) -> Path:
+    """The SWI that ``qsmrim recon`` writes next to a Chimap."""
+    return chimap.with_name(chimap.name.replace("_Chimap.", "_swi."))
 
 
 def _configured_rule(rule: RuleBasedRimDetector, channels, patch_mm) -> RuleBasedRimDetector:
