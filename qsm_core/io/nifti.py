@@ -18,7 +18,8 @@ def _read_image(path: Path):
     """The NIfTI-1/2 image at ``path``; a ``.gz`` file is decompressed in one call.
 
     nibabel streams a gzipped image through :mod:`gzip` in small reads; decompressing the
-    whole file at once and parsing the bytes takes about half the time on a 1 mm head.
+    whole file at once and parsing the bytes took 0.13-0.14 s instead of 0.17-0.20 s for a
+    1 mm Chimap (28 MB) on the development machine.
     """
     if path.name.lower().endswith(".gz"):
         raw = gzip.decompress(path.read_bytes())
