@@ -827,44 +827,35 @@ def run_batch(scans: list[ScanInputs], out_dir, *, predictor: Predictor,
     bar = tqdm(todo, desc="qsmrim predict", unit="scan", file=sys.stderr,
                disable=not progress)
     pool = ThreadPoolExecutor(1, thread_name_prefix="qsmrim-prefetch") if prefetch else None
+    pending = None  # the prefetch of the scan whose turn is next
     try:
-        _score_scans(todo, bar, out_dir, predictor, pool, done, failures)
+        for i, scan in enumerate(bar):
+            failed = _scan_files(out_dir, scan)[1]
+            bar.set_postfix_str(scan.name, refresh=False)
+            try:
+                files = pending.result() if pending is not None else None
+                pending = None
+                if pool is not None and i + 1 < len(todo):
+                    pending = pool.submit(predictor.read_scan_files, todo[i + 1], out_dir)
+                predictor.process_scan(scan, out_dir, files=files)
+                done.append(scan.name)
+            except (KeyboardInterrupt, MemoryError):
+                raise
+            except Exception as exc:
+                if not isinstance(exc, QSMRimError):
+                    log.error("%s: failed\n%s", scan.name, traceback.format_exc())
+                rec = {"scan": scan.name, "participant_id": scan.participant_id,
+                       "session_id": scan.session_id, "error_type": type(exc).__name__,
+                       "message": " ".join(str(exc).split())}
+                failures.append(rec)
+                write_json(failed, rec)
+                tqdm.write(f"qsmrim predict: {scan.name} failed: {rec['message']}",
+                           file=sys.stderr)
     finally:
         bar.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     return {"done": done, "skipped": skipped, "failures": failures}
-
-
-def _score_scans(todo, bar, out_dir, predictor, pool, done, failures) -> None:
-    """The loop of :func:`run_batch`: score ``todo``, prefetching with ``pool`` if given."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    pending = None
-    for i, scan in enumerate(bar):
-        failed = _scan_files(out_dir, scan)[1]
-        bar.set_postfix_str(scan.name, refresh=False)
-        try:
-            files = pending.result() if pending is not None else None
-            pending = None
-            if pool is not None and i + 1 < len(todo):
-                pending = pool.submit(predictor.read_scan_files, todo[i + 1], out_dir)
-            predictor.process_scan(scan, out_dir, files=files)
-            done.append(scan.name)
-        except (KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as exc:
-            if not isinstance(exc, QSMRimError):
-                log.error("%s: failed\n%s", scan.name, traceback.format_exc())
-            rec = {"scan": scan.name, "participant_id": scan.participant_id,
-                   "session_id": scan.session_id, "error_type": type(exc).__name__,
-                   "message": " ".join(str(exc).split())}
-            failures.append(rec)
-            write_json(failed, rec)
-            tqdm.write(f"qsmrim predict: {scan.name} failed: {rec['message']}",
-                       file=sys.stderr)
 
 
 def merge_outputs(out_dir) -> dict:
