@@ -314,11 +314,27 @@ def shell_features(x: np.ndarray, *, qsm_channel: int, lesion_channel: int,
 def _normalise(v, divide, sc, lo, hi):
     """``np.clip(v / sc if divide else v * sc, lo, hi)`` in float32 (NaN stays NaN)."""
     v = v / sc if divide else v * sc
-    if v < lo:
-        v = lo
-    elif v > hi:
-        v = hi
-    return v
+    return min(max(v, lo), hi)  # branch-free; Python's max/min keep a NaN first argument
+
+
+_TILE = 8
+"""Side of the square tiles in which the kernels swap the x and z axes of a patch."""
+
+
+@njit(cache=True)
+def _transpose_xz(src, dst):
+    """``dst[a, b, c] = src[c, b, a]`` for (P, P, P) blocks, in 8 x 8 tiles of (a, c).
+
+    Element by element, one side of a transpose steps by P^2 values; in tiles both sides
+    stay within a few cache lines (about 3x faster for 32^3 patches).
+    """
+    p0, p1, p2 = dst.shape
+    for b in range(p1):
+        for a0 in range(0, p0, _TILE):
+            for c0 in range(0, p2, _TILE):
+                for a in range(a0, min(a0 + _TILE, p0)):
+                    for c in range(c0, min(c0 + _TILE, p2)):
+                        dst[a, b, c] = src[c, b, a]
 
 
 @njit(cache=True)
@@ -382,10 +398,7 @@ def _linear_f(vol_t, s0, s1, s2, w, divide, sc, lo, hi, dst):
         for b in range(p):
             for a in range(p):
                 d2[c, b, a] = (d1[c + 1, b, a] - d1[c, b, a]) * wc + d1[c, b, a]
-    for a in range(p):
-        for b in range(p):
-            for c in range(p):
-                dst[a, b, c] = d2[c, b, a]
+    _transpose_xz(d2, dst)
 
 
 @njit(cache=True)
@@ -403,16 +416,13 @@ def _copy_c(vol, s0, s1, s2, divide, sc, lo, hi, dst):
 def _copy_f(vol_t, s0, s1, s2, divide, sc, lo, hi, dst):
     """:func:`_copy_c` from the (z, y, x) transpose of the volume."""
     p = dst.shape[0]
-    t = np.empty((p, p, p), np.float32)  # (z, y, x), read in memory order
-    for c in range(p):
-        for b in range(p):
-            for a in range(p):
-                t[c, b, a] = _normalise(np.float32(vol_t[s2 + c, s1 + b, s0 + a]), divide, sc,
-                                        lo, hi)
-    for a in range(p):
-        for b in range(p):
-            for c in range(p):
-                dst[a, b, c] = t[c, b, a]
+    for b in range(p):  # in tiles of (a, c), as _transpose_xz
+        for a0 in range(0, p, _TILE):
+            for c0 in range(0, p, _TILE):
+                for a in range(a0, min(a0 + _TILE, p)):
+                    for c in range(c0, min(c0 + _TILE, p)):
+                        dst[a, b, c] = _normalise(np.float32(vol_t[s2 + c, s1 + b, s0 + a]),
+                                                  divide, sc, lo, hi)
 
 
 @njit(cache=True)
@@ -447,11 +457,13 @@ def _masks_one(labels, flip, s0, s1, s2, lid, dst, ch_les, ch_oth):
     """Both masks of one lesion from one read of its label block."""
     p = dst.shape[1]
     blk = np.empty((p, p, p), labels.dtype)  # (x, y, z)
-    if flip:  # read the (z, y, x) transpose in its memory order
-        for k in range(p):
-            for j in range(p):
-                for i in range(p):
-                    blk[i, j, k] = labels[s2 + k, s1 + j, s0 + i]
+    if flip:  # from the (z, y, x) transpose, in tiles as _transpose_xz
+        for j in range(p):
+            for i0 in range(0, p, _TILE):
+                for k0 in range(0, p, _TILE):
+                    for i in range(i0, min(i0 + _TILE, p)):
+                        for k in range(k0, min(k0 + _TILE, p)):
+                            blk[i, j, k] = labels[s2 + k, s1 + j, s0 + i]
     else:
         for i in range(p):
             for j in range(p):

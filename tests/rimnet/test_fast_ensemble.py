@@ -142,3 +142,15 @@ def test_grouped_ensemble_matches_each_network(arch, shells):
         assert checked_stacked_ensemble(nets, x).__class__ is GroupedEnsemble
     assert got.shape == ref.shape == (3, 5, 1)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 32])
+def test_chunk_sizes_are_the_fewest_and_even(size):
+    from rimnet.fast_ensemble import _chunk_sizes
+
+    assert _chunk_sizes(0, size) == []
+    for n in range(1, 3 * size + 2):
+        sizes = _chunk_sizes(n, size)
+        assert sum(sizes) == n
+        assert len(sizes) == -(-n // size)  # as few chunks as the size limit allows
+        assert max(sizes) <= size and max(sizes) - min(sizes) <= 1
