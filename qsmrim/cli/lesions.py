@@ -75,6 +75,8 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "lesions") -> None:
                         help="participants to process ('01' or 'sub-01')")
     parser.add_argument("--min-long-axis-mm", type=float, default=3.0, metavar="MM",
                         help="drop lesions whose long axis is shorter (default: 3)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (batch jobs, logs)")
 
 
 def _write_failures(out_dir: Path, failures: list[dict]) -> None:
@@ -107,7 +109,8 @@ def _run_lesions(args) -> int:
     scans = find_lesion_maps(args.lesions_dir, participant_labels=args.participant_label)
     finder = Predictor(None, qsm_dir=args.qsm)
     tables, failures = [], []
-    for scan in tqdm(scans, desc="qsmrim lesions", unit="scan", file=sys.stderr):
+    for scan in tqdm(scans, desc="qsmrim lesions", unit="scan", file=sys.stderr,
+                     disable=args.no_progress):
         try:
             lmap, laff = load_nifti(scan.lesion_path)
             labels = label_lesions(lmap, voxel_size_mm=voxel_sizes_mm(laff),
@@ -163,7 +166,8 @@ def _run_extract(args) -> int:
     def chunks():
         from tqdm.auto import tqdm
 
-        for scan in tqdm(scans, desc="qsmrim extract", unit="scan", file=sys.stderr):
+        for scan in tqdm(scans, desc="qsmrim extract", unit="scan", file=sys.stderr,
+                         disable=args.no_progress):
             try:
                 res, patches = prep.prepare_scan(scan, out_dir / "_qsm")
             except (KeyboardInterrupt, MemoryError):

@@ -69,6 +69,8 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "predict") -> None:
                         help="only merge the finished scans in OUT_DIR into the batch tables")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute scans that are already done")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (batch jobs, logs)")
 
 
 def run(args) -> int:
@@ -123,7 +125,8 @@ def run(args) -> int:
                           min_long_axis_mm=args.min_long_axis_mm, bids_dir=bids_dir,
                           qsm_dir=args.qsm, device=args.device, review=not args.no_review,
                           model_dir=None if model is None else (args.model or default_model_dir()))
-    summary = run_batch(mine, out_dir, predictor=predictor, overwrite=args.overwrite)
+    summary = run_batch(mine, out_dir, predictor=predictor, overwrite=args.overwrite,
+                        progress=not args.no_progress)
     merged = merge_outputs(out_dir)
     n_fail = len(summary["failures"])
     shard_txt = f" (shard {shard_i}/{shard_n}: {len(mine)} of {len(scans)} scans)" \

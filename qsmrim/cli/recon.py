@@ -91,6 +91,8 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "recon") -> None:
                      help="compute device (default: cpu)")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute scans whose Chimap exists (default: skip them)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (batch jobs, logs)")
 
 
 # --------------------------------------------------------------------- selection
@@ -246,7 +248,8 @@ def _run_scans(args, scans, out_dir, bids_dir, run_params, tqdm) -> int:
     explicit = bids_dir is None
     failures: list[dict] = []
     done = skipped = 0
-    bar = tqdm(scans, desc="qsmrim recon", unit="scan", file=sys.stderr)
+    bar = tqdm(scans, desc="qsmrim recon", unit="scan", file=sys.stderr,
+               disable=args.no_progress)
     for scan in bar:
         chimap = derivative_path(out_dir, scan.participant_id, scan.session_id, "Chimap",
                                  entities=scan.entities)

@@ -47,3 +47,15 @@ def test_extract_builds_a_labelled_cache(tmp_path, rng):
     plain, plain_table = load_patch_cache(tmp_path / "plain")
     assert plain_table.attrs["snap_to_voxels"] is False
     assert plain.shape == patches.shape
+
+
+def test_no_progress_hides_the_bar_and_keeps_the_outputs(tmp_path, rng, capsys):
+    make_dataset(tmp_path, rng, n_scans=2)
+    args = [str(tmp_path / "les"), "--qsm", str(tmp_path / "qsm")]
+    assert main(["lesions", *args[:1], str(tmp_path / "a"), *args[1:]]) == 0
+    assert "qsmrim lesions: 100%" in capsys.readouterr().err
+    assert main(["lesions", *args[:1], str(tmp_path / "b"), *args[1:], "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "%|" not in err and "3 lesion(s) in 2 scan(s)" in err  # the summary stays
+    assert ((tmp_path / "a" / "lesions.tsv").read_text()
+            == (tmp_path / "b" / "lesions.tsv").read_text())

@@ -136,3 +136,15 @@ def test_predict_reconstructs_from_raw_gre(tmp_path, rng):
     assert (tmp_path / "out" / "sub-01" / "anat" / "sub-01_Chimap.nii.gz").is_file()
     pred = pd.read_csv(tmp_path / "out" / "predictions.tsv", sep="\t")
     assert len(pred) == 2
+
+
+def test_no_progress_hides_the_bar(tmp_path, rng, capsys):
+    make_dataset(tmp_path, rng, n_scans=2)
+    common = [str(tmp_path / "bids"), None, "--lesions", str(tmp_path / "les"), "--qsm",
+              str(tmp_path / "qsm"), "--no-cnn", "--no-review"]
+    for out, extra, bar in (("a", [], True), ("b", ["--no-progress"], False)):
+        common[1] = str(tmp_path / out)
+        assert main(["predict", *common, *extra]) == 0
+        assert ("qsmrim predict: 100%" in capsys.readouterr().err) is bar
+    a, b = (pd.read_csv(tmp_path / o / "predictions.tsv", sep="\t") for o in ("a", "b"))
+    pd.testing.assert_frame_equal(a, b)
