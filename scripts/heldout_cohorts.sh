@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Recreates the held-out evaluation of the packaged default model (the tables of
+# rimnet/default_model/model_card.md and docs/benchmarks.md) with the project's own commands.
+# Usage: scripts/heldout_cohorts.sh WORK_DIR [MODEL_DIR] [COHORT ...]
+#
+# Cohorts (none of their seeds is used in training; scripts/make_default_model.sh):
+#   siemens, philips, aniso  one cohort plan (seed 7777, 10 patients, ~16 lesions each)
+#                            acquired with the Siemens and Philips echo presets at 1 mm and
+#                            with the Siemens preset at 0.9 x 0.9 x 2 mm: the cross-scanner test
+#   heldout2                 a second, larger cohort (seed 8888, 20 patients, Siemens 1 mm)
+#   stress, stress2          harder scans (seeds 4242 and 5151, 12 patients): procedural
+#                            anatomy, head tilt up to 15 deg, FLAIR at 1 x 1 x 3 mm, larger lesions
+# Each: qsmrim simulate -> recon -> predict (--qsm, no montages) -> evaluate (--scored-only);
+# the summary of each report is WORK_DIR/<cohort>/report/report.md. About 5-10 min per
+# cohort on 2 cores, mostly reconstruction.
+set -euo pipefail
+work=${1:?usage: heldout_cohorts.sh WORK_DIR [MODEL_DIR] [COHORT ...]}
+model=${2:-}
+shift $(( $# >= 2 ? 2 : 1 ))
+cohorts=("$@")
+[ ${#cohorts[@]} -eq 0 ] && cohorts=(siemens philips aniso heldout2 stress stress2)
+mkdir -p "$work"
+general=(--preset general-ms --set MS.sessions_mean=1 --no-progress)
+stress=(--subjects 12 --anatomy procedural --max-tilt 15 --flair-voxel-size 1 1 3
+        --set MS.lesions_mean=20 --set MS.style.long_axis_median_mm=8.5)
+for c in "${cohorts[@]}"; do
+  d="$work/$c"
+  case $c in
+    siemens) opts=(--subjects 10 --seed 7777 --scanner siemens --set MS.lesions_mean=16) ;;
+    philips) opts=(--subjects 10 --seed 7777 --scanner philips --set MS.lesions_mean=16) ;;
+    aniso) opts=(--subjects 10 --seed 7777 --scanner siemens --voxel-size 0.9 0.9 2
+                 --set MS.lesions_mean=16) ;;
+    heldout2) opts=(--subjects 20 --seed 8888 --scanner siemens --set MS.lesions_mean=16) ;;
+    stress) opts=(--seed 4242 "${stress[@]}") ;;
+    stress2) opts=(--seed 5151 "${stress[@]}") ;;
+    *) echo "heldout_cohorts.sh: unknown cohort '$c' (siemens philips aniso heldout2 stress" \
+            "stress2)" >&2; exit 2 ;;
+  esac
+  [ -f "$d/bids/participants.tsv" ] || qsmrim simulate "$d/bids" "${general[@]}" "${opts[@]}"
+  qsmrim recon "$d/bids" "$d/qsm" --no-progress
+  qsmrim predict "$d/bids" "$d/pred" --lesions "$d/bids/derivatives/lesions" --qsm "$d/qsm" \
+    --no-review --no-progress ${model:+--model "$model"}
+  qsmrim evaluate --participants "$d/bids/participants.tsv" \
+    --lesions "$d/bids/derivatives/lesions/lesions.tsv" --predictions "$d/pred/predictions.tsv" \
+    --out "$d/report" --scored-only --no-figures
+done
