@@ -33,7 +33,7 @@ from rimnet.model import RimCNN, network_kwargs_from_config  # noqa: E402
 from rimnet.network import build_network, count_parameters  # noqa: E402
 from tests.rimnet.synthetic_patches import make_synthetic_patches  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.trainer import train_model  # noqa: E402
+from training.trainer import train_model, train_transforms  # noqa: E402
 
 
 def bench_inference(model_dir=None, *, n=2000, threads=2, folds=5, patch_voxels=None):
@@ -99,16 +99,10 @@ def bench_augment(*, n=512, batch=64, repeats=3, seed=0):
     synthetic patches (process CPU time, so other jobs on the machine inflate it less than
     wall time).
     """
-    from rimnet.transforms import build_train_transforms
-
     torch.set_num_threads(1)
     cfg = TrainConfig()
     x, t = make_synthetic_patches(n, patch_voxels=cfg.patch_voxels, seed=seed)
-    transform = build_train_transforms(
-        channel_names=cfg.channels, flip_prob=cfg.flip_prob, rot90_prob=cfg.rot90_prob,
-        affine_prob=cfg.affine_prob, intensity_prob=cfg.intensity_prob, gain=cfg.gain,
-        offset=cfg.offset, noise_std=cfg.noise_std, slice_blur_prob=cfg.slice_blur_prob,
-        seed=seed)
+    transform = train_transforms(cfg, seed=seed)
     aug = []
     for _ in range(repeats):
         t0 = time.process_time()

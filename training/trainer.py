@@ -179,6 +179,19 @@ def package_versions() -> dict:
             "pandas": pd.__version__, "platform": platform.platform()}
 
 
+def train_transforms(config: TrainConfig, *, seed: int | None = None):
+    """The training augmentation of ``config``.
+
+    :func:`rimnet.transforms.build_train_transforms` with the augmentation fields of
+    ``config``, seeded with ``seed``.
+    """
+    return build_train_transforms(
+        channel_names=config.channels, flip_prob=config.flip_prob,
+        rot90_prob=config.rot90_prob, affine_prob=config.affine_prob,
+        intensity_prob=config.intensity_prob, gain=config.gain, offset=config.offset,
+        noise_std=config.noise_std, slice_blur_prob=config.slice_blur_prob, seed=seed)
+
+
 # ---------------------------------------------------------------------- metrics
 def _auc_pair(y: np.ndarray, s: np.ndarray) -> tuple[float | None, float | None]:
     from sklearn.metrics import average_precision_score, roc_auc_score
@@ -327,11 +340,7 @@ def _train_fold(k: int, patches, labels, types, train_idx, val_idx, *, config: T
     model = wrap_model(net, info)
     shells = getattr(net, "shells", None)
 
-    transform = build_train_transforms(
-        channel_names=config.channels, flip_prob=config.flip_prob,
-        rot90_prob=config.rot90_prob, affine_prob=config.affine_prob,
-        intensity_prob=config.intensity_prob, gain=config.gain, offset=config.offset,
-        noise_std=config.noise_std, slice_blur_prob=config.slice_blur_prob, seed=seed)
+    transform = train_transforms(config, seed=seed)
     ds = _PatchDataset(patches, train_idx, labels, types, transform)
     pw = torch.tensor(pos_weight if config.imbalance == "pos_weight" else 1.0, device=device)
     rim_loss = nn.BCEWithLogitsLoss(pos_weight=pw)
