@@ -37,8 +37,8 @@ import scipy.fft
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qsm_core.backend import get_backend  # noqa: E402
 from qsm_core.inversion import ilsqr  # noqa: E402
-from qsm_core.inversion.backend import get_backend  # noqa: E402
 from tests.qsm_core.phantoms import head_phantom, local_field  # noqa: E402
 
 

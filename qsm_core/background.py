@@ -32,16 +32,22 @@ LBV, Laplacian boundary value (Zhou et al., NMR Biomed 2014)
     :func:`qsm_core.lbv.poisson_dirichlet`) on the mask's bounding box. The boundary is
     the mask's outer voxel layer (6-connectivity); ``peel_mm`` drops more of the edge,
     where the local field is forced towards zero. LBV does not depend on B0.
+
+V-SHARP, PDF and :func:`restore_harmonic` take ``device="cuda"`` (or ``"torch-cpu"``) to
+run their FFTs and masks on torch (:mod:`qsm_core.backend`), with numpy arrays
+in and out and the same result within float32 rounding. LBV's multigrid runs on the CPU.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import numpy as np
 import scipy.fft
 from scipy import ndimage
 
+from qsm_core.backend import NumpyBackend, get_backend
 from qsm_core.dipole import _check_b0, _check_voxel_size, dipole_kernel
 from qsm_core.errors import InputError
 from qsm_core.lbv import laplacian_7pt, poisson_dirichlet
@@ -98,13 +104,18 @@ def smv_kernel_spectrum(shape, radius_mm: float, *, voxel_size_mm, workers: int 
 
     With ``return_count`` also return the number of voxels in the ball.
     """
+    spec, count = _smv_spectrum(shape, radius_mm, voxel_size_mm, NumpyBackend(workers))
+    return (spec, count) if return_count else spec
+
+
+def _smv_spectrum(shape, radius_mm, voxel_size_mm, be):
+    """:func:`smv_kernel_spectrum` on the backend ``be``: (spectrum, voxels in the ball)."""
     ball = ball_structure(radius_mm, voxel_size_mm=voxel_size_mm)
     k = np.zeros(shape, np.float32)
     half = [b // 2 for b in ball.shape]
     idx = np.nonzero(ball)
     k[tuple((i - h) % n for i, h, n in zip(idx, half, shape))] = 1.0 / idx[0].size
-    spec = scipy.fft.rfftn(k, workers=workers).real.astype(np.float32)
-    return (spec, int(idx[0].size)) if return_count else spec
+    return be.as_float32(be.rfftn(be.asarray(k)).real), int(idx[0].size)
 
 
 def _bbox(mask, margin):
@@ -120,7 +131,7 @@ def _bbox(mask, margin):
 
 def vsharp(total_field_hz, mask, *, voxel_size_mm, radii_mm=None,
            tsvd_threshold: float = 0.05, refine_iter: int = 2, b0_dir=None,
-           workers: int = -1):
+           workers: int = -1, device: str = "cpu"):
     """V-SHARP background field removal.
 
     Parameters
@@ -143,7 +154,9 @@ def vsharp(total_field_hz, mask, *, voxel_size_mm, radii_mm=None,
         Accepted so that every background method has the same signature; V-SHARP does not
         depend on the field direction.
     workers : int
-        FFT threads.
+        FFT threads (numpy only).
+    device : {"cpu", "torch-cpu", "cuda"}
+        Where the FFTs run (see the module docstring).
 
     Returns
     -------
@@ -170,56 +183,56 @@ def vsharp(total_field_hz, mask, *, voxel_size_mm, radii_mm=None,
                   for n, g in zip(mc.shape, margin))
     off = [(s - n) // 2 for s, n in zip(shape, mc.shape)]
     inner = tuple(slice(o, o + n) for o, n in zip(off, mc.shape))
-    mpad = np.zeros(shape, bool)
+    be = NumpyBackend(workers) if device == "cpu" else get_backend(device)
+    mpad = np.zeros(shape, np.float32)
     mpad[inner] = mc
-    fpad = np.zeros(shape, np.float32)
-    fpad[inner] = field[sl] * mc
     # which radius each voxel uses: the largest whose ball fits inside the mask, i.e.
     # where the ball's convolution with the mask is the full ball (FFT, like the field)
-    mspec = scipy.fft.rfftn(mpad.astype(np.float32), workers=workers)
-    which = np.full(shape, -1, np.int8)
+    mspec = be.rfftn(be.asarray(mpad))
+    mpad = be.as_bool(mpad)
+    which = be.full(shape, -1, np.int8)
     highpass = {}
     for i, r in enumerate(radii):
-        s_r, n_ball = smv_kernel_spectrum(shape, r, voxel_size_mm=v, workers=workers,
-                                          return_count=True)
-        inside = scipy.fft.irfftn(mspec * s_r, s=shape, workers=workers)
+        s_r, n_ball = _smv_spectrum(shape, r, v, be)
+        inside = be.irfftn(mspec * s_r, shape)
         fits = (inside > 1.0 - 0.5 / n_ball) & (which < 0) & mpad
         del inside
-        if i == 0 or fits.any():
+        if i == 0 or be.any(fits):
             highpass[i] = 1.0 - s_r
         which[fits] = i
     del mspec
     assigned = which >= 0
-    if not assigned.any():
+    if not be.any(assigned):
         raise InputError(f"the brain mask is thinner than the smallest V-SHARP radius "
                          f"({radii[-1]} mm); pass a larger mask or smaller radii_mm")
-    used = [i for i in highpass if np.any(which == i)]
+    used = [i for i in highpass if be.any(which == i)]
 
     def composite(x_spec):
-        out = np.zeros(shape, np.float32)
+        out = be.zeros(shape)
         for i in used:
-            hp = scipy.fft.irfftn(x_spec * highpass[i], s=shape, workers=workers)
+            hp = be.irfftn(x_spec * highpass[i], shape)
             sel = which == i
             out[sel] = hp[sel]
         return out
 
     kernel = highpass[0]
-    keep = np.abs(kernel) > tsvd_threshold
-    inv = np.zeros_like(kernel)
-    inv[keep] = 1.0 / kernel[keep]
+    keep = abs(kernel) > tsvd_threshold
+    inv = be.where(keep, 1.0 / be.where(keep, kernel, 1.0), 0.0)
 
     def deconvolve(y):
-        spec = scipy.fft.rfftn(y, workers=workers)
+        spec = be.rfftn(y)
         spec *= inv
-        return scipy.fft.irfftn(spec, s=shape, workers=workers).astype(np.float32) * assigned
+        return be.as_float32(be.irfftn(spec, shape)) * assigned
 
     fpad = np.zeros(shape, np.float32)
     fpad[inner] = field[sl] * mc
-    target = composite(scipy.fft.rfftn(fpad, workers=workers))
+    target = composite(be.rfftn(be.asarray(fpad)))
     del fpad
     local = deconvolve(target)
     for _ in range(refine_iter):
-        local += deconvolve(target - composite(scipy.fft.rfftn(local, workers=workers)))
+        local += deconvolve(target - composite(be.rfftn(local)))
+    local = be.to_numpy(local)
+    assigned = be.to_numpy(assigned)
     out = np.zeros(field.shape, np.float32)
     out[sl] = local[inner]
     mask_out = np.zeros(field.shape, np.uint8)
@@ -229,7 +242,7 @@ def vsharp(total_field_hz, mask, *, voxel_size_mm, radii_mm=None,
 
 
 def pdf(total_field_hz, mask, *, voxel_size_mm, b0_dir, weight=None, tol: float = 1e-2,
-        max_iter: int = 100, pad_voxels=16, workers: int = -1):
+        max_iter: int = 100, pad_voxels=16, workers: int = -1, device: str = "cpu"):
     """Projection onto dipole fields (PDF) background removal.
 
     Parameters
@@ -250,7 +263,9 @@ def pdf(total_field_hz, mask, *, voxel_size_mm, b0_dir, weight=None, tol: float 
     pad_voxels : int or sequence of 3 ints
         Zero padding per side of the FFTs (background sources must be in the FOV).
     workers : int
-        FFT threads.
+        FFT threads (numpy only).
+    device : {"cpu", "torch-cpu", "cuda"}
+        Where the FFTs and the CG run (see the module docstring).
 
     Returns
     -------
@@ -278,44 +293,46 @@ def pdf(total_field_hz, mask, *, voxel_size_mm, b0_dir, weight=None, tol: float 
                   for n, p in zip(field.shape, pads))
     off = [(s - n) // 2 for s, n in zip(shape, field.shape)]
     inner = tuple(slice(o, o + n) for o, n in zip(off, field.shape))
-    d = dipole_kernel(shape, voxel_size_mm=v, b0_dir=b)
+    be = NumpyBackend(workers) if device == "cpu" else get_backend(device)
+    d = be.asarray(dipole_kernel(shape, voxel_size_mm=v, b0_dir=b))
     outside = np.zeros(shape, np.float32)
     outside[inner] = ~m  # background sources: inside the FOV, outside the mask
+    outside = be.asarray(outside)
     w2p = np.zeros(shape, np.float32)
     w2p[inner] = w2
+    w2p = be.asarray(w2p)
 
     def conv(x):
-        return scipy.fft.irfftn(scipy.fft.rfftn(x, workers=workers) * d, s=shape,
-                                workers=workers).astype(np.float32)
+        return be.as_float32(be.irfftn(be.rfftn(x) * d, shape))
 
     def normal_op(x):
         return outside * conv(w2p * conv(outside * x))
 
     fpad = np.zeros(shape, np.float32)
     fpad[inner] = field * m
-    rhs = outside * conv(w2p * fpad)
-    x = np.zeros(shape, np.float32)
-    r = rhs.copy()
-    p = r.copy()
-    rr = float(np.vdot(r, r))
+    rhs = outside * conv(w2p * be.asarray(fpad))
+    x = be.zeros(shape)
+    r = be.copy(rhs)
+    p = be.copy(r)
+    rr = be.dot(r, r)
     rr0 = rr
     if rr0 == 0:
         return (field * m).astype(np.float32), m.astype(np.uint8)
     it = 0
     for it in range(1, max_iter + 1):  # noqa: B007
         ap = normal_op(p)
-        alpha = rr / max(float(np.vdot(p, ap)), 1e-30)
-        x += np.float32(alpha) * p
-        r -= np.float32(alpha) * ap
-        rr_new = float(np.vdot(r, r))
+        alpha = rr / max(be.dot(p, ap), 1e-30)
+        x += float(alpha) * p
+        r -= float(alpha) * ap
+        rr_new = be.dot(r, r)
         if np.sqrt(rr_new / rr0) < tol:
             rr = rr_new
             break
-        p *= np.float32(rr_new / rr)
+        p *= float(rr_new / rr)
         p += r
         rr = rr_new
     log.info("PDF: %d CG iterations, relative residual %.3g", it, np.sqrt(rr / rr0))
-    background = conv(outside * x)[inner]
+    background = be.to_numpy(conv(outside * x))[inner]
     local = ((field - background) * m).astype(np.float32)
     return local, m.astype(np.uint8)
 
@@ -384,7 +401,8 @@ def lbv(total_field_hz, mask, *, voxel_size_mm, peel_mm: float = 0.0, tol: float
 
 
 def restore_harmonic(remove, local_hz, mask, mask_out, *, voxel_size_mm, b0_dir,
-                     n_iter: int = 1, pad_voxels: int = 16, **remove_options):
+                     n_iter: int = 1, pad_voxels: int = 16, device: str = "cpu",
+                     **remove_options):
     """Give back the part of the local field that a high-pass background removal drops.
 
     V-SHARP and LBV keep ``P l``, a high-pass of the local field ``l``: the part of ``l``
@@ -412,6 +430,9 @@ def restore_harmonic(remove, local_hz, mask, mask_out, *, voxel_size_mm, b0_dir,
         Fixed-point iterations (each: one TKD, one forward field, one ``remove``).
     pad_voxels : int
         Zero padding of the forward-field FFTs around the mask's bounding box.
+    device : {"cpu", "torch-cpu", "cuda"}
+        Where the TKD, the forward field and ``remove`` run (``remove`` gets it when it
+        takes a ``device`` argument).
     **remove_options
         Passed to ``remove`` (use the same options as for the data).
 
@@ -434,11 +455,14 @@ def restore_harmonic(remove, local_hz, mask, mask_out, *, voxel_size_mm, b0_dir,
     base = (np.asarray(local_hz, np.float32) * fm).astype(np.float32)
     sl = _bbox(m, [0, 0, 0])
     field = base
+    if device != "cpu" and "device" in inspect.signature(remove).parameters:
+        remove_options = {**remove_options, "device": device}
     for _ in range(int(n_iter)):
         # TKD is linear, so chi_0 comes out in "field units" and D chi_0 goes back to them
-        chi0 = tkd(field, fm, voxel_size_mm=v, b0_dir=b)
+        chi0 = tkd(field, fm, voxel_size_mm=v, b0_dir=b, device=device)
         g = np.zeros(base.shape, np.float32)
-        g[sl] = forward_field_ppm(chi0[sl], voxel_size_mm=v, b0_dir=b, pad_voxels=pad_voxels)
+        g[sl] = forward_field_ppm(chi0[sl], voxel_size_mm=v, b0_dir=b, pad_voxels=pad_voxels,
+                                  device=device)
         g_local, _ = remove(g * m, m, voxel_size_mm=v, b0_dir=b, **remove_options)
         h = np.where(fm, g - g_local, 0.0).astype(np.float32)
         h[fm] -= np.float32(h[fm].mean(dtype=np.float64))

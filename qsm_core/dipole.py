@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
+from qsm_core.backend import NumpyBackend, get_backend
 from qsm_core.errors import InputError
 
 __all__ = ["dipole_kernel", "forward_field_ppm", "padded_shape", "pad_to", "crop_from"]
@@ -100,7 +101,7 @@ def crop_from(arr: np.ndarray, shape) -> np.ndarray:
 
 
 def forward_field_ppm(chi_ppm: np.ndarray, *, voxel_size_mm, b0_dir, pad_voxels=None,
-                      workers: int = -1) -> np.ndarray:
+                      workers: int = -1, device: str = "cpu") -> np.ndarray:
     """Relative field (ppm of B0) produced by a susceptibility distribution.
 
     Parameters
@@ -114,7 +115,9 @@ def forward_field_ppm(chi_ppm: np.ndarray, *, voxel_size_mm, b0_dir, pad_voxels=
         Zero padding per side; default half the array size (no wrap-around for sources
         inside the volume).
     workers : int
-        FFT threads (-1: all cores).
+        FFT threads (-1: all cores; numpy only).
+    device : {"cpu", "torch-cpu", "cuda"}
+        Where the FFTs run (:mod:`qsm_core.backend`); numpy in and out.
 
     Returns
     -------
@@ -129,8 +132,9 @@ def forward_field_ppm(chi_ppm: np.ndarray, *, voxel_size_mm, b0_dir, pad_voxels=
     if pad_voxels is None:
         pad_voxels = [n // 2 for n in chi.shape]
     shape = padded_shape(chi.shape, pad_voxels)
+    be = NumpyBackend(workers) if device == "cpu" else get_backend(device)
     d = dipole_kernel(shape, voxel_size_mm=voxel_size_mm, b0_dir=b0_dir)
-    spec = scipy.fft.rfftn(pad_to(chi.astype(np.float32), shape), workers=workers)
-    spec *= d
-    field = scipy.fft.irfftn(spec, s=shape, workers=workers)
+    spec = be.rfftn(be.asarray(pad_to(chi.astype(np.float32), shape)))
+    spec *= be.asarray(d)
+    field = be.to_numpy(be.irfftn(spec, shape))
     return crop_from(field, chi.shape).astype(np.float32)

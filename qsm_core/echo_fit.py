@@ -40,6 +40,10 @@ says which. One echo has no intercept: ``phi0 = 0`` is assumed.
 
 The constants that the Poisson solves drop are restored per echo and kept affine in TE
 (:func:`_restore_constants`), so they cannot bend the fit's residuals.
+
+``device="cuda"`` (or ``"torch-cpu"``) runs the unwrapping, the fit and its Gaussian
+filters on torch (:mod:`qsm_core.backend`); arrays still go in and come out as
+numpy, and the result is the same within float32 rounding.
 """
 
 from __future__ import annotations
@@ -48,10 +52,10 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
+from qsm_core.backend import NumpyBackend, get_backend
 from qsm_core.errors import InputError
-from qsm_core.unwrap import _wrap, laplacian_unwrap
+from qsm_core.unwrap import laplacian_unwrap
 
 __all__ = ["EchoFit", "fit_frequency", "check_echo_inputs"]
 
@@ -201,26 +205,26 @@ def _box_of(sel, shape):
     return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)
 
 
-def _smooth_within(values, weights, sel, shape, sigma_mm, voxel_size_mm):
+def _smooth_within(values, weights, sel, shape, sigma_mm, voxel_size_mm, be):
     """Weighted Gaussian average of per-voxel ``values`` over the selected voxels.
 
-    ``values``, ``weights``: 1D, one entry per voxel of the flat boolean ``sel``;
+    ``values``, ``weights``: 1D, one entry per voxel of the flat boolean ``sel`` (numpy);
     returns ``G*(w v) / G*(w)`` at those voxels (normalised convolution on the
     selection's bounding box, so voxels outside it do not pull the average down).
     """
     box = _box_of(sel, shape)
     sig = [float(sigma_mm) / float(h) for h in np.asarray(voxel_size_mm, float)]
-    num = np.zeros(shape, np.float32)
-    den = np.zeros(shape, np.float32)
-    num.reshape(-1)[sel] = weights * values
-    den.reshape(-1)[sel] = weights
-    num_b = ndimage.gaussian_filter(num[box], sig, mode="constant", truncate=3.0)
-    den_b = ndimage.gaussian_filter(den[box], sig, mode="constant", truncate=3.0)
-    num[box] = num_b / np.maximum(den_b, np.float32(1e-30))
-    return num.reshape(-1)[sel].astype(np.float32)
+    sel_box = be.as_bool(np.asarray(sel, bool).reshape(shape)[box])
+    num = be.zeros(sel_box.shape)
+    den = be.zeros(sel_box.shape)
+    num[sel_box] = weights * values
+    den[sel_box] = weights
+    num = be.gaussian_filter(num, sig)
+    den = be.gaussian_filter(den, sig)
+    return be.as_float32(num[sel_box] / be.maximum(den[sel_box], 1e-30))
 
 
-def _local_linear(values, weights, sel, shape, sigma_mm, voxel_size_mm):
+def _local_linear(values, weights, sel, shape, sigma_mm, voxel_size_mm, be):
     """Gaussian-weighted local *linear* fit of per-voxel ``values`` over the selection.
 
     At every selected voxel ``x0`` fits ``a + g . (x - x0)`` to the values of the
@@ -233,12 +237,10 @@ def _local_linear(values, weights, sel, shape, sigma_mm, voxel_size_mm):
     """
     box = _box_of(sel, shape)
     sig = [float(sigma_mm) / float(h) for h in np.asarray(voxel_size_mm, float)]
-    flat_box = np.zeros(shape, bool)
-    flat_box[box] = True
-    sel_box = np.asarray(sel, bool).reshape(shape)[box]
-    w = np.zeros(sel_box.shape, np.float32)
+    sel_box = be.as_bool(np.asarray(sel, bool).reshape(shape)[box])
+    w = be.zeros(sel_box.shape)
     w[sel_box] = weights
-    wv = np.zeros(sel_box.shape, np.float32)
+    wv = be.zeros(sel_box.shape)
     wv[sel_box] = weights * values
 
     def filtered(arr, orders):
@@ -248,16 +250,15 @@ def _local_linear(values, weights, sel, shape, sigma_mm, voxel_size_mm):
             for k in range(1, 4):
                 key = order[:k]
                 if key not in cache:
-                    cache[key] = ndimage.gaussian_filter1d(
-                        cache[key[:-1]], sig[k - 1], axis=k - 1, order=key[-1],
-                        mode="constant", truncate=3.0)
-            out[order] = cache[order][sel_box].astype(np.float64)
+                    cache[key] = be.gaussian_filter1d(cache[key[:-1]], sig[k - 1],
+                                                      axis=k - 1, order=key[-1])
+            out[order] = be.as_float64(cache[order][sel_box])
             for k in (3, 2):  # drop what no later order shares
                 if not any(o[:k] == order[:k] for o in orders[orders.index(order) + 1:]):
                     cache.pop(order[:k], None)
         return out
 
-    s2 = np.asarray(sig, float) ** 2
+    s2 = [s * s for s in sig]  # Python floats: they multiply numpy arrays and tensors alike
     unit = [tuple(int(a == i) for a in range(3)) for i in range(3)]
     second = {(i, j): tuple(a + b for a, b in zip(unit[i], unit[j]))
               for i in range(3) for j in range(i, 3)}
@@ -280,7 +281,7 @@ def _local_linear(values, weights, sel, shape, sigma_mm, voxel_size_mm):
     c00, c11, c22 = b * c - e * e, a * c - f * f, a * b - d * d
     c01, c12, c02 = f * e - d * c, d * f - a * e, d * e - b * f
     det = a * c00 + d * c01 + f * c02
-    det = np.where(np.abs(det) > 0, det, 1.0)
+    det = be.where(abs(det) > 0, det, 1.0)
 
     def quad(x, y):  # x . adj(M) y
         return (x[0] * (c00 * y[0] + c01 * y[1] + c02 * y[2])
@@ -289,16 +290,17 @@ def _local_linear(values, weights, sel, shape, sigma_mm, voxel_size_mm):
 
     num = p0 - quad(m, p) / det
     den = m0 - quad(m, m) / det
-    local_mean = p0 / np.maximum(m0, 1e-30)
+    local_mean = p0 / be.maximum(m0, 1e-30)
     good = den > 1e-3 * m0
-    out = np.where(good, num / np.where(good, den, 1.0), local_mean)
-    return out.astype(np.float32)
+    out = be.where(good, num / be.where(good, den, 1.0), local_mean)
+    return be.as_float32(out)
 
 
 def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int = +1,
                   mask=None, unwrap_mask=None, unwrap: str = "differences",
                   phase_offset: str = "smooth", offset_sigma_mm: float = 2.0,
-                  noise_pool_mm: float = 2.0, workers: int = -1) -> EchoFit:
+                  noise_pool_mm: float = 2.0, workers: int = -1,
+                  device: str = "cpu") -> EchoFit:
     """Frequency map from multi-echo phase (unwrap each echo, weighted fit over TE).
 
     Parameters
@@ -332,7 +334,9 @@ def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int 
         Gaussian sigma (mm) over which the residual noise variance ``sigma^2`` is pooled
         (it has only ``E - 1`` or ``E - 2`` degrees of freedom per voxel); 0 = per voxel.
     workers : int
-        FFT threads.
+        FFT threads (numpy only).
+    device : {"cpu", "torch-cpu", "cuda"}
+        Where the unwrapping and the fit run (see the module docstring).
 
     Returns
     -------
@@ -365,33 +369,34 @@ def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int 
     if phase_offset == "smooth" and not (np.isfinite(offset_sigma_mm) and offset_sigma_mm > 0):
         raise InputError(f"offset_sigma_mm must be a positive number of mm, got "
                          f"{offset_sigma_mm!r}")
+    be = NumpyBackend(workers) if device == "cpu" else get_backend(device)
+    unwrap_opts = {"voxel_size_mm": voxel_size_mm, "mask": unwrap_mask, "workers": workers,
+                   "device": device}
     unwrapped = np.empty_like(phase)
-    unwrapped[..., 0] = laplacian_unwrap(phase[..., 0], voxel_size_mm=voxel_size_mm,
-                                         mask=unwrap_mask, workers=workers)
+    unwrapped[..., 0] = laplacian_unwrap(phase[..., 0], **unwrap_opts)
     for e in range(1, n_echo):
         if unwrap == "echoes":
-            unwrapped[..., e] = laplacian_unwrap(phase[..., e], voxel_size_mm=voxel_size_mm,
-                                                 mask=unwrap_mask, workers=workers)
+            unwrapped[..., e] = laplacian_unwrap(phase[..., e], **unwrap_opts)
         else:
-            step = _wrap(phase[..., e] - phase[..., e - 1])
-            unwrapped[..., e] = unwrapped[..., e - 1] + laplacian_unwrap(
-                step, voxel_size_mm=voxel_size_mm, mask=unwrap_mask, workers=workers)
+            step = NumpyBackend.wrap(phase[..., e] - phase[..., e - 1])
+            unwrapped[..., e] = unwrapped[..., e - 1] + laplacian_unwrap(step, **unwrap_opts)
     _restore_constants(unwrapped, phase, mag, unwrap_mask if mask is None else mask, te)
     # the fit is per voxel: do it on the voxels that are kept only
     sel = (np.ones(shape, bool) if mask is None else np.asarray(mask).astype(bool)).ravel()
-    u = unwrapped.reshape(-1, n_echo)[sel]
-    w = mag.reshape(-1, n_echo)[sel] ** 2
-    wmax = float(w.max()) if w.size else 0.0
-    w += np.float32(max(wmax, 1e-30) * 1e-12)  # no all-zero weight voxels
+    u = be.asarray(unwrapped.reshape(-1, n_echo)[sel])
+    w = be.asarray(mag.reshape(-1, n_echo)[sel])
+    w = w * w
+    wmax = float(w.max()) if sel.any() else 0.0
+    w += float(np.float32(max(wmax, 1e-30) * 1e-12))  # no all-zero weight voxels
     two_pi = 2.0 * np.pi
     if n_echo == 1:
-        slope = u[:, 0] / np.float32(te[0])
-        phi0 = np.zeros(slope.shape, np.float32)
+        slope = u[:, 0] / float(np.float32(te[0]))
+        phi0 = be.zeros(slope.shape)
         sigma = background_noise_std(mag[..., 0])
-        var_f = (sigma**2 / w[:, 0]) / (two_pi * te[0]) ** 2
+        var_f = (sigma**2 / w[:, 0]) / float((two_pi * te[0]) ** 2)
         method = "background"
     else:
-        t = te.astype(np.float32)
+        t = be.asarray(te)
         sw = w.sum(axis=1)
         wt = w * t
         st = wt.sum(axis=1)
@@ -399,45 +404,45 @@ def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int 
         sp = (w * u).sum(axis=1)
         stp = (wt * u).sum(axis=1)
         del wt
-        det = np.maximum(sw * stt - st * st, np.float32(1e-30))
+        det = be.maximum(sw * stt - st * st, 1e-30)
         slope = (sw * stp - st * sp) / det
         phi0 = (sp - slope * st) / sw
         if phase_offset == "smooth":
             # phi0 is smooth: estimate it locally (inverse-variance weighted Gaussian
             # average of the per-voxel intercepts), then fit the slope through it.
-            phi0 = _local_linear(phi0, det / np.maximum(stt, np.float32(1e-30)), sel,
-                                 shape, offset_sigma_mm, voxel_size_mm)
-            slope = (stp - phi0 * st) / np.maximum(stt, np.float32(1e-30))
+            phi0 = _local_linear(phi0, det / be.maximum(stt, 1e-30), sel, shape,
+                                 offset_sigma_mm, voxel_size_mm, be)
+            slope = (stp - phi0 * st) / be.maximum(stt, 1e-30)
             dof = n_echo - 1
         else:
             dof = n_echo - 2
         if dof >= 2:
             resid = u - phi0[:, None] - slope[:, None] * t
-            sigma2 = (w * resid * resid).sum(axis=1) / np.float32(dof)
+            sigma2 = (w * resid * resid).sum(axis=1) / float(dof)
             del resid
             if noise_pool_mm > 0:
                 # a few degrees of freedom per voxel make sigma^2 very noisy (1 / sigma
                 # heavy-tailed): pool it locally; the voxel's own magnitudes still set
                 # its standard error below.
-                sigma2 = _smooth_within(sigma2, np.ones_like(sigma2), sel, shape,
-                                        noise_pool_mm, voxel_size_mm)
+                sigma2 = _smooth_within(sigma2, be.full(sigma2.shape, 1.0, np.float32), sel,
+                                        shape, noise_pool_mm, voxel_size_mm, be)
             method = "residual"
         else:
-            sigma2 = np.float32(background_noise_std(mag[..., 0]) ** 2)
+            sigma2 = float(np.float32(background_noise_std(mag[..., 0]) ** 2))
             method = "background"
         if phase_offset == "smooth":
-            var_f = sigma2 / np.maximum(stt, np.float32(1e-30)) / np.float32(two_pi**2)
+            var_f = sigma2 / be.maximum(stt, 1e-30) / float(np.float32(two_pi**2))
         else:
-            var_f = sigma2 * sw / det / np.float32(two_pi**2)
+            var_f = sigma2 * sw / det / float(np.float32(two_pi**2))
 
     def scatter(values):
         out = np.zeros(shape, np.float32)
-        out.reshape(-1)[sel] = values
+        out.reshape(-1)[sel] = be.to_numpy(values)
         return out
 
-    freq = scatter(phase_sign * slope / np.float32(two_pi))
+    freq = scatter(slope * phase_sign / float(np.float32(two_pi)))
     phi0 = scatter(phi0)
-    noise = scatter(np.sqrt(np.asarray(var_f, dtype=np.float32)))
+    noise = scatter(be.sqrt(be.as_float32(var_f)))
     log.info("echo fit: %d echo(es), noise estimate from %s", n_echo, method)
     return EchoFit(frequency_hz=freq, phase_offset_rad=phi0, noise_std_hz=noise,
                    unwrapped_phase_rad=unwrapped, noise_method=method)

@@ -144,7 +144,10 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
     b0_world : sequence of 3 floats
         B0 direction in world coordinates (+z for scanner-aligned data).
     device : str
-        Passed to the inversion (``"cpu"``, ``"torch-cpu"``, ``"cuda"``).
+        Where the unwrapping, echo fit, background removal (V-SHARP, PDF and the harmonic
+        restoration) and inversion run: ``"cpu"`` (numpy/scipy), ``"cuda"`` (torch on a
+        GPU) or ``"torch-cpu"`` (the torch code on the CPU, for tests). The brain mask,
+        LBV and SWI always run on the CPU.
     progress : callable, optional
         Called with each stage name of :data:`STAGES` as it starts.
     mask_options, bgremove_options, inversion_options, fit_options : dict, optional
@@ -230,7 +233,7 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
     if unwrap_dilate_mm >= 0:
         unwrap_mask = dilate_ball(bmask.astype(bool), unwrap_dilate_mm, voxel_size_mm=vox)
     fit = fit_frequency(phase, mag, te, voxel_size_mm=vox, phase_sign=phase_sign,
-                        mask=bmask, unwrap_mask=unwrap_mask, **fit_opts)
+                        mask=bmask, unwrap_mask=unwrap_mask, device=device, **fit_opts)
     total_hz = (fit.frequency_hz * bmask).astype(np.float32)
     del fit.unwrapped_phase_rad
     timings["unwrap_fit"] = time.perf_counter() - t0
@@ -241,6 +244,8 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
     if bgremove == "pdf" and data_weights == "noise" and "weight" not in bg_run:
         bg_run["weight"] = noise_weights(fit.noise_std_hz, bmask)  # PDF's data term
         bg_weights = "noise"
+    if "device" in inspect.signature(BGREMOVE_METHODS[bgremove]).parameters:
+        bg_run["device"] = device
     local_hz, final_mask = BGREMOVE_METHODS[bgremove](total_hz, bmask, voxel_size_mm=vox,
                                                       b0_dir=b0_dir, **bg_run)
     del bg_run
@@ -252,7 +257,7 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
     if n_restore:
         local_hz = restore_harmonic(BGREMOVE_METHODS[bgremove], local_hz, bmask, final_mask,
                                     voxel_size_mm=vox, b0_dir=b0_dir, n_iter=n_restore,
-                                    **bg_opts)
+                                    device=device, **bg_opts)
     timings["bgremove"] = time.perf_counter() - t0
 
     t0 = stage("inversion")

@@ -21,6 +21,11 @@ harmonic error is removed later by background-field removal (V-SHARP, PDF), whic
 QSM pipelines can use this unwrapper. ``congruent=True`` adds the usual congruence step
 ``wrapped + 2 pi round((smooth - wrapped) / 2 pi)``, which is exact wherever the smooth
 estimate is within pi of the truth, but introduces new 2 pi jumps where it is not.
+
+On a torch device (``device="cuda"`` or ``"torch-cpu"``) the Poisson solve is the FFT
+solve on the mirrored volume itself (:meth:`~qsm_core.backend.TorchBackend.mirror`;
+torch has no DCT), which is the same operator: the eigenvalues of the periodic Laplacian on
+the ``2n`` grid, ``2 cos(2 pi k / 2n) - 2``, are the DCT-II ones.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
+from qsm_core.backend import NumpyBackend, get_backend
 from qsm_core.dipole import _check_voxel_size
 from qsm_core.errors import InputError
 
@@ -60,7 +66,7 @@ def _wrap(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _phase_laplacian(phase, v, mask, formula):
+def _phase_laplacian(phase, v, mask, formula, be):
     """Discrete Laplacian (Neumann boundary) of the unwrapped phase from the wrapped phase.
 
     Neighbour differences enter as ``wrap(phi_n - phi)`` (``formula='wrapped'``) or
@@ -69,7 +75,7 @@ def _phase_laplacian(phase, v, mask, formula):
     edge, and with a mask those touching a voxel outside it, are zero (no flux), so the
     Laplacian sums to zero as the Neumann solver requires.
     """
-    lap = np.zeros_like(phase)
+    lap = be.zeros_like(phase)
     for axis in range(3):
         n = phase.shape[axis]
         lo = [slice(None)] * 3
@@ -78,14 +84,50 @@ def _phase_laplacian(phase, v, mask, formula):
         hi[axis] = slice(1, n)
         lo, hi = tuple(lo), tuple(hi)
         d = phase[hi] - phase[lo]
-        d = _wrap(d) if formula == "wrapped" else np.sin(d)
+        d = be.wrap(d) if formula == "wrapped" else be.sin(d)
         if mask is not None:
             d *= mask[hi]
             d *= mask[lo]
-        d *= np.float32(1.0 / v[axis] ** 2)
+        d *= float(1.0 / v[axis] ** 2)
         lap[lo] += d
         lap[hi] -= d
     return lap
+
+
+def _periodic_eigenvalues(shape, v) -> np.ndarray:
+    """Eigenvalues of the periodic 7-point Laplacian on ``shape``, rfftn layout (float32)."""
+    terms = []
+    for axis, n in enumerate(shape):
+        k = np.arange(n // 2 + 1 if axis == 2 else n) / n
+        t = (2.0 * np.cos(2.0 * np.pi * k) - 2.0) / v[axis] ** 2
+        sh = [1, 1, 1]
+        sh[axis] = t.size
+        terms.append(t.reshape(sh))
+    return (terms[0] + terms[1] + terms[2]).astype(np.float32)
+
+
+def _poisson_neumann(lap, v, be):
+    """Solve ``L u = lap`` (7-point Laplacian, zero-flux edges), ``u`` of zero mean.
+
+    numpy: DCT-II, divide by the Laplacian's eigenvalues, inverse DCT. torch: the same
+    operator as a periodic FFT solve on the mirrored volume, cropped back.
+    """
+    if isinstance(be, NumpyBackend):
+        spec = scipy.fft.dctn(lap, type=2, workers=be.workers, overwrite_x=True)
+        eig = laplacian_eigenvalues(lap.shape, voxel_size_mm=v)
+        eig[0, 0, 0] = 1.0
+        spec /= eig
+        spec[0, 0, 0] = 0.0
+        return scipy.fft.idctn(spec, type=2, workers=be.workers, overwrite_x=True)
+    shape = tuple(lap.shape)
+    ext_shape = tuple(2 * n for n in shape)
+    spec = be.rfftn(be.mirror(lap))
+    eig = _periodic_eigenvalues(ext_shape, v)
+    eig[0, 0, 0] = 1.0
+    inv = 1.0 / eig
+    inv[0, 0, 0] = 0.0
+    spec *= be.asarray(inv)
+    return be.irfftn(spec, ext_shape)[:shape[0], :shape[1], :shape[2]]
 
 
 def _bbox(mask, margin):
@@ -104,7 +146,7 @@ def _bbox(mask, margin):
 
 def laplacian_unwrap(phase_rad: np.ndarray, *, voxel_size_mm, pad_voxels=0, mask=None,
                      congruent: bool = False, formula: str = "wrapped",
-                     workers: int = -1) -> np.ndarray:
+                     workers: int = -1, device: str = "cpu") -> np.ndarray:
     """Unwrap a 3D phase image with the Laplacian method.
 
     Parameters
@@ -130,7 +172,10 @@ def laplacian_unwrap(phase_rad: np.ndarray, *, voxel_size_mm, pad_voxels=0, mask
     formula : {'wrapped', 'sincos'}
         How the phase Laplacian is formed on the 7-point stencil, see the module docstring.
     workers : int
-        DCT threads (-1: all cores).
+        DCT threads (-1: all cores; numpy only).
+    device : {"cpu", "torch-cpu", "cuda"}
+        Where the Laplacian and the Poisson solve run (see the module docstring); the
+        result is the same within float32 rounding.
 
     Returns
     -------
@@ -179,15 +224,11 @@ def laplacian_unwrap(phase_rad: np.ndarray, *, voxel_size_mm, pad_voxels=0, mask
         mask_p = None if mask is None else np.pad(mask, [(p, p) for p in pads], mode="edge")
     else:
         phase_p, mask_p = phase, mask
-    lap = _phase_laplacian(phase_p, v, mask_p, formula)
-    spec = scipy.fft.dctn(lap, type=2, workers=workers, overwrite_x=True)
+    be = NumpyBackend(workers) if device == "cpu" else get_backend(device)
+    lap = _phase_laplacian(be.asarray(phase_p), v,
+                           None if mask_p is None else be.as_bool(mask_p), formula, be)
+    sol = be.to_numpy(_poisson_neumann(lap, v, be))
     del lap
-    eig = laplacian_eigenvalues(phase_p.shape, voxel_size_mm=v)
-    eig[0, 0, 0] = 1.0
-    spec /= eig
-    spec[0, 0, 0] = 0.0
-    sol = scipy.fft.idctn(spec, type=2, workers=workers, overwrite_x=True)
-    del spec
     sol = sol[tuple(slice(p, p + n) for p, n in zip(pads, phase.shape))]
     if congruent:
         sol = phase + 2 * np.pi * np.round((sol - phase) / (2 * np.pi))

@@ -171,7 +171,7 @@ def divide_in_kspace(grid: Grid, inverse_kernel: np.ndarray, *, device: str,
     The closed-form inversions (TKD, Tikhonov) differ only in ``inverse_kernel``
     (shape of the rFFT spectrum, float32).
     """
-    from qsm_core.inversion.backend import get_backend
+    from qsm_core.backend import get_backend
 
     bk = get_backend(device)
     spec = bk.rfftn(bk.asarray(grid.field_ppm))

@@ -3,7 +3,7 @@
 Each kernel does in one parallel loop nest what would otherwise be several full-volume
 numpy passes (with temporaries): the LSQR updates, the step-1 residual and spectrum
 sweeps, the step-3 cone scatter/gather and the step-3 7-point stencil.
-:class:`~qsm_core.inversion.backend.NumpyBackend` calls them; ``docs/ilsqr.md`` explains
+:class:`~qsm_core.backend.NumpyBackend` calls them; ``docs/ilsqr.md`` explains
 where they sit in an iteration.
 
 Conventions
@@ -20,7 +20,7 @@ Conventions
 * The kernels have explicit signatures (no silent recompilation for a new layout: a
   wrong dtype or layout is a TypeError) and are compiled when this module is first
   imported, or loaded from numba's on-disk cache (``cache=True``). The backend imports it
-  lazily (:meth:`~qsm_core.inversion.backend.NumpyBackend.warm`), before any timed loop.
+  lazily (:meth:`~qsm_core.backend.NumpyBackend.warm`), before any timed loop.
 * Threads: numba's ``workqueue`` layer unless ``NUMBA_THREADING_LAYER`` says otherwise.
   Its workers sleep between launches (no spin-waiting that would steal the cores from the
   FFT's threads or torch's OpenMP pool) and it is fork-safe (the simulator forks worker

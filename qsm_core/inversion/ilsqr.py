@@ -18,7 +18,7 @@ made where the paper is vague):
 Both LSQR problems keep their unknown in k-space (the half spectrum scaled to make the
 FFT an isometry), so each iteration costs one FFT pair. Everything runs in float32 on
 the mask's bounding box plus padding, on numpy/scipy (``device="cpu"``) or torch
-(``"torch-cpu"``, ``"cuda"``) through :mod:`qsm_core.inversion.backend`.
+(``"torch-cpu"``, ``"cuda"``) through :mod:`qsm_core.backend`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.fft
 
+from qsm_core.backend import get_backend
 from qsm_core.errors import InputError
 from qsm_core.inversion._common import Grid, finish, hermitian_scale, prepare
-from qsm_core.inversion.backend import get_backend
 from qsm_core.inversion.ilsqr_ops import ConeGradientOp as _ConeGradientOp
 from qsm_core.inversion.ilsqr_ops import WeightedDipoleOp as _WeightedDipoleOp
 from qsm_core.inversion.lsqr import lsqr

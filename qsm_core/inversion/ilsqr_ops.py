@@ -3,7 +3,7 @@
 Both keep LSQR's unknown in k-space (the half spectrum scaled by ``1 / sqrt(N / w)``,
 :func:`~qsm_core.inversion._common.hermitian_scale`, which makes the real FFT an isometry),
 so an iteration costs one inverse and one forward FFT. Everything else an iteration needs
-is done in a few fused sweeps over memory (:mod:`qsm_core.inversion.backend`):
+is done in a few fused sweeps over memory (:mod:`qsm_core.backend`):
 
 * ``matvec_update`` computes the new data-space vector, its norm and the adjoint's FFT
   input in one sweep (cached for the ``unorm``/``rmatvec_update`` that LSQR calls next);
@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
+from qsm_core.backend import row_spans
 from qsm_core.inversion._common import Grid
-from qsm_core.inversion.backend import row_spans
 from qsm_core.inversion.lsqr import LinearOperator
 
 __all__ = ["TimedFFT", "WeightedDipoleOp", "ConeGradientOp"]

@@ -3,8 +3,9 @@
 ::
 
     qsmrim unwrap   PHASE OUT [--echo-time TE ...] [--magnitude MAG] [--mask MASK]
-                    [--out-noise FILE]
+                    [--out-noise FILE] [--device cpu|cuda]
     qsmrim bgremove FIELD MASK OUT [--method vsharp|pdf|lbv] [--out-mask FILE]
+                    [--device cpu|cuda]
     qsmrim invert   FIELD MASK OUT [--field-units hz|ppm] [--field-strength T]
                     [--method ilsqr|tkd|tikhonov] [--device cpu|cuda]
                     [--noise FILE | --weights FILE]
@@ -75,7 +76,6 @@ def add_parser(parser: argparse.ArgumentParser, name: str) -> None:
                                  "MagneticFieldStrength of FIELD's JSON sidecar)")
         parser.add_argument("--method", choices=INVERSION_CHOICES, default="ilsqr",
                             help="default: ilsqr")
-        parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
         parser.add_argument("--weights", metavar="FILE",
                             help="data weights on the same grid (iLSQR only), e.g. 1 / the "
                                  "noise std written by unwrap --out-noise; --noise FILE "
@@ -85,6 +85,8 @@ def add_parser(parser: argparse.ArgumentParser, name: str) -> None:
                                  "weights 1 / noise (zero = unknown, weight 0)")
     else:  # pragma: no cover - main.py only maps the three names above here
         raise ValueError(f"unknown step {name!r}")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="compute device (default: cpu; lbv always runs on the CPU)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.set_defaults(_step=name)
 
@@ -114,6 +116,15 @@ def _check_out(args, *paths) -> None:
             raise InputError(f"{p}: exists; use --overwrite to replace it")
 
 
+def _check_device(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: no CUDA device is available here; use "
+                             "--device cpu")
+
+
 def _load_mask(path, like_shape, like_affine):
     from qsm_core.io.bids import load_mask
 
@@ -138,6 +149,7 @@ def _unwrap(args) -> int:
     from qsm_core.unwrap import laplacian_unwrap
 
     _check_out(args, args.out, args.out_noise)
+    _check_device(args.device)
     if args.out_noise is not None and args.echo_time is None:
         raise InputError("--out-noise is the noise of the fitted field; give --echo-time too")
     src = Path(args.phase)
@@ -150,12 +162,13 @@ def _unwrap(args) -> int:
     vox = voxel_sizes_mm(affine)
     mask = None if args.mask is None else _load_mask(args.mask, phase4.shape[:3], affine)
     sources = [str(src.resolve())]
-    params = {"step": "unwrap", "unwrap": "laplacian", "phase_units_note": note}
+    params = {"step": "unwrap", "unwrap": "laplacian", "phase_units_note": note,
+              "device": args.device}
     if args.magnitude is not None and args.echo_time is None:
         raise InputError("--magnitude only weights the fit over echoes; give --echo-time too")
     if args.echo_time is None:
-        out = np.stack([laplacian_unwrap(phase4[..., e], voxel_size_mm=vox, mask=mask)
-                        for e in range(n_echo)], axis=3)
+        out = np.stack([laplacian_unwrap(phase4[..., e], voxel_size_mm=vox, mask=mask,
+                                         device=args.device) for e in range(n_echo)], axis=3)
         out = out if phase.ndim == 4 else out[..., 0]
         write_image_with_sidecar(args.out, out, affine, units="rad", parameters=params,
                                  sources=sources,
@@ -177,7 +190,7 @@ def _unwrap(args) -> int:
     else:
         mag4 = np.ones_like(phase4)
     fit = fit_frequency(phase4, mag4, args.echo_time, voxel_size_mm=vox,
-                        phase_sign=args.phase_sign, unwrap_mask=mask)
+                        phase_sign=args.phase_sign, unwrap_mask=mask, device=args.device)
     params.update(echo_times_s=list(args.echo_time), phase_sign=args.phase_sign,
                   fit="magnitude-weighted" if args.magnitude else "unweighted")
     write_image_with_sidecar(args.out, fit.frequency_hz, affine, units="Hz", parameters=params,
@@ -199,6 +212,7 @@ def _bgremove(args) -> int:
     from qsm_core.io.nifti import load_nifti
 
     _check_out(args, args.out, args.out_mask)
+    _check_device(args.device)
     if args.method not in BGREMOVE_METHODS:
         raise InputError(f"--method {args.method}: expected one of {sorted(BGREMOVE_METHODS)}")
     src = Path(args.field)
@@ -208,9 +222,12 @@ def _bgremove(args) -> int:
     kwargs = {"voxel_size_mm": voxel_sizes_mm(affine)}
     if _accepts(func, "b0_dir"):
         kwargs["b0_dir"] = b0_dir_from_affine(affine)
+    if _accepts(func, "device"):
+        kwargs["device"] = args.device
     local, out_mask = func(field, mask, **kwargs)
     units = _sidecar_of(src).get("Units", "Hz")
-    params = {"step": "bgremove", "bgremove": args.method}
+    params = {"step": "bgremove", "bgremove": args.method,
+              "device": args.device if "device" in kwargs else "cpu"}
     sources = [str(src.resolve()), str(Path(args.mask).resolve())]
     local = np.where(out_mask, local, 0).astype(np.float32)
     write_image_with_sidecar(args.out, local, affine, units=units, parameters=params,
@@ -252,12 +269,7 @@ def _invert(args) -> int:
         params["field_strength_t"] = b0
     else:
         local_ppm = field.astype(np.float32)
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda: no CUDA device is available here; use "
-                             "--device cpu")
+    _check_device(args.device)
     opts, sources = {}, [str(src.resolve()), str(Path(args.mask).resolve())]
     if args.weights is not None or args.noise is not None:
         if args.weights is not None and args.noise is not None:

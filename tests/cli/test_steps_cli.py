@@ -80,7 +80,8 @@ def test_bgremove_removes_a_harmonic_field(tmp_path):
     assert np.sqrt(np.mean(err**2)) < 0.02 * np.sqrt(np.mean(alone[inside] ** 2))
     assert np.abs(background[inside]).max() > 20
     side = json.loads((tmp_path / "local.json").read_text())
-    assert side["GeneratedBy"][0]["Parameters"] == {"step": "bgremove", "bgremove": "vsharp"}
+    assert side["GeneratedBy"][0]["Parameters"] == {"step": "bgremove", "bgremove": "vsharp",
+                                                    "device": "cpu"}
 
 
 @pytest.mark.parametrize("units", ["hz", "ppm"])

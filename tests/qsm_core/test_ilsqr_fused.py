@@ -11,8 +11,8 @@ import pytest
 import scipy.fft
 import scipy.sparse.linalg
 
+from qsm_core.backend import NumpyBackend, get_backend
 from qsm_core.inversion._common import hermitian_scale, prepare
-from qsm_core.inversion.backend import NumpyBackend, get_backend
 from qsm_core.inversion.ilsqr import gradient_weights, laplacian_weights
 from qsm_core.inversion.ilsqr_ops import ConeGradientOp, WeightedDipoleOp
 from qsm_core.inversion.lsqr import lsqr

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg
 
+from qsm_core.backend import get_backend
 from qsm_core.errors import InputError
 from qsm_core.inversion import METHODS, ilsqr, tkd
 from qsm_core.inversion._common import hermitian_scale, prepare
-from qsm_core.inversion.backend import get_backend
 from qsm_core.inversion.ilsqr import (
     _ConeGradientOp,
     _WeightedDipoleOp,

@@ -8,8 +8,8 @@ planes of the spectrum sweep.
 import numpy as np
 import pytest
 
+from qsm_core.backend import _full_spans, row_spans
 from qsm_core.inversion import _kernels as K
-from qsm_core.inversion.backend import _full_spans, row_spans
 from tests.qsm_core.test_ilsqr_fused import _reference_normal
 
 PARTS = [1, 2, 3, 5]
@@ -233,7 +233,7 @@ def test_wrong_layout_is_a_type_error(rng):
 
 
 def _child_dot(_):
-    from qsm_core.inversion.backend import NumpyBackend
+    from qsm_core.backend import NumpyBackend
 
     a = np.arange(1000, dtype=np.float32)
     return NumpyBackend().dot(a, a)
@@ -245,7 +245,7 @@ def test_threads_and_forked_children_can_launch_kernels():
     import multiprocessing as mp
     import threading
 
-    from qsm_core.inversion.backend import NumpyBackend
+    from qsm_core.backend import NumpyBackend
 
     bk = NumpyBackend()
     a = np.arange(1000, dtype=np.float32)

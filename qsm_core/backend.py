@@ -1,9 +1,15 @@
 """A tiny array backend shim so one algorithm runs on numpy (CPU) or torch (CPU/GPU).
 
-Only the handful of operations the inversions need are wrapped: real FFTs, in-place
-BLAS-like updates, dot products and transfers. Complex spectra are treated as real
-vectors (real and imaginary parts interleaved) by :meth:`dot`, :meth:`axpy` and
-:meth:`scal`, which is what LSQR needs when its unknown lives in k-space.
+Only the handful of operations the pipeline needs are wrapped: real FFTs, in-place
+BLAS-like updates, dot products and transfers for the inversions, and a few element-wise
+functions, separable Gaussian filters and mirror extension for the stages before them
+(:mod:`qsm_core.unwrap`, :mod:`qsm_core.echo_fit`, :mod:`qsm_core.background`). Code
+written against it uses only what numpy arrays and torch tensors share besides
+(arithmetic, slicing, boolean indexing, ``reshape``, ``sum(axis=...)``).
+
+Complex spectra are treated as real vectors (real and imaginary parts interleaved) by
+:meth:`dot`, :meth:`axpy` and :meth:`scal`, which is what LSQR needs when its unknown lives
+in k-space.
 
 Torch is imported lazily, only when a torch device is asked for.
 
@@ -26,6 +32,7 @@ import time
 
 import numpy as np
 import scipy.fft
+from scipy import ndimage
 
 from qsm_core.errors import InputError
 
@@ -216,6 +223,78 @@ class NumpyBackend:
     def warm(self) -> None:
         """Compile the numba kernels, or load them from numba's cache (once per process)."""
         _kernels()
+
+    # -- preprocessing stages (unwrapping, echo fit, background removal) -----------------
+    @staticmethod
+    def as_bool(a) -> np.ndarray:
+        """Boolean array (nonzero = True)."""
+        a = np.asarray(a)
+        return a if a.dtype == bool else a != 0
+
+    @staticmethod
+    def as_float64(a) -> np.ndarray:
+        """float64 copy."""
+        return np.asarray(a, dtype=np.float64)
+
+    @staticmethod
+    def as_float32(a) -> np.ndarray:
+        """float32 (no copy if it is one)."""
+        return np.asarray(a, dtype=np.float32)
+
+    @staticmethod
+    def wrap(a) -> np.ndarray:
+        """``a`` wrapped to [-pi, pi] (in place for float32 arrays)."""
+        a = np.asarray(a, np.float32)
+        a -= np.float32(2 * np.pi) * np.rint(a * np.float32(1 / (2 * np.pi)))
+        return a
+
+    sin = staticmethod(np.sin)
+    sqrt = staticmethod(np.sqrt)
+    where = staticmethod(np.where)
+
+    @staticmethod
+    def maximum(a, floor: float):
+        """``max(a, floor)`` element-wise, in ``a``'s dtype."""
+        return np.maximum(a, np.asarray(floor, dtype=np.asarray(a).dtype))
+
+    @staticmethod
+    def full(shape, value, dtype) -> np.ndarray:
+        """Array of ``shape`` filled with ``value`` (numpy dtype)."""
+        return np.full(shape, value, dtype=dtype)
+
+    @staticmethod
+    def any(a) -> bool:
+        """Whether any element is nonzero."""
+        return bool(np.any(a))
+
+    @staticmethod
+    def mean64(a) -> float:
+        """Mean with a float64 accumulator."""
+        return float(np.mean(a, dtype=np.float64))
+
+    @staticmethod
+    def mirror(x) -> np.ndarray:
+        """``x`` followed by its reverse along every axis: shape (2X, 2Y, 2Z).
+
+        The even (half-sample symmetric) extension, on which a periodic FFT acts as a
+        DCT-II on ``x``.
+        """
+        for axis in range(x.ndim):
+            x = np.concatenate([x, np.flip(x, axis)], axis=axis)
+        return x
+
+    def gaussian_filter1d(self, x, sigma: float, axis: int, order: int = 0):
+        """Gaussian (or its ``order``-th derivative) along ``axis``, zeros beyond the edge.
+
+        ``scipy.ndimage.gaussian_filter1d(..., mode="constant", truncate=3.0)``.
+        """
+        return ndimage.gaussian_filter1d(x, sigma, axis=axis, order=order, mode="constant",
+                                         truncate=3.0)
+
+    @staticmethod
+    def gaussian_filter(x, sigmas):
+        """Gaussian of per-axis ``sigmas`` (voxels), zeros beyond the edge (scipy's)."""
+        return ndimage.gaussian_filter(x, sigmas, mode="constant", truncate=3.0)
 
     def dot(self, a, b) -> float:
         """Real inner product (complex arrays as interleaved real vectors), float64 sums."""
@@ -526,6 +605,94 @@ class TorchBackend:
 
     def warm(self) -> None:
         """No-op (nothing to compile)."""
+
+    # -- preprocessing stages (see NumpyBackend for the contracts) ------------------------
+    def as_bool(self, a):
+        """Boolean tensor on the device (nonzero = True)."""
+        if isinstance(a, self.torch.Tensor):
+            return a.to(self.device) != 0 if a.dtype != self.torch.bool else a.to(self.device)
+        a = np.asarray(a)
+        return self.torch.from_numpy(np.ascontiguousarray(a if a.dtype == bool else a != 0)
+                                     ).to(self.device)
+
+    def as_float64(self, a):
+        """float64 tensor."""
+        return a.to(self.torch.float64)
+
+    def as_float32(self, a):
+        """float32 tensor."""
+        return a.to(self.torch.float32)
+
+    def wrap(self, a):
+        """``a`` wrapped to [-pi, pi] (in place for float32 tensors)."""
+        two_pi = 2 * np.pi
+        return a.sub_(self.torch.round(a * (1 / two_pi)).mul_(two_pi))
+
+    def sin(self, a):
+        """Element-wise sine."""
+        return self.torch.sin(a)
+
+    def sqrt(self, a):
+        """Element-wise square root."""
+        return self.torch.sqrt(a)
+
+    def where(self, cond, a, b):
+        """``a`` where ``cond`` else ``b`` (scalars allowed)."""
+        t = self.torch
+        dtype = next((v.dtype for v in (a, b) if isinstance(v, t.Tensor)), t.float32)
+        a, b = (v if isinstance(v, t.Tensor) else t.tensor(v, dtype=dtype, device=self.device)
+                for v in (a, b))
+        return t.where(cond, a, b)
+
+    def maximum(self, a, floor: float):
+        """``max(a, floor)`` element-wise."""
+        return self.torch.clamp(a, min=float(floor))
+
+    def full(self, shape, value, dtype):
+        """Tensor of ``shape`` filled with ``value`` (numpy dtype)."""
+        dt = self.torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
+        return self.torch.full(tuple(shape), value, dtype=dt, device=self.device)
+
+    @staticmethod
+    def any(a) -> bool:
+        """Whether any element is nonzero."""
+        return bool(a.any())
+
+    def mean64(self, a) -> float:
+        """Mean with a float64 accumulator."""
+        return float(a.to(self.torch.float64).mean())
+
+    def mirror(self, x):
+        """See :meth:`NumpyBackend.mirror`."""
+        for axis in range(x.ndim):
+            x = self.torch.cat([x, x.flip(axis)], dim=axis)
+        return x
+
+    def gaussian_filter1d(self, x, sigma: float, axis: int, order: int = 0):
+        """See :meth:`NumpyBackend.gaussian_filter1d`: the same weights, as a 1-D convolution.
+
+        The weights are scipy's own (its filter applied to a unit impulse), so both
+        backends filter with identical kernels.
+        """
+        t = self.torch
+        radius = int(3.0 * float(sigma) + 0.5)
+        impulse = np.zeros(2 * radius + 1, np.float64)
+        impulse[radius] = 1.0
+        w = ndimage.gaussian_filter1d(impulse, sigma, order=order, mode="constant",
+                                      truncate=3.0)
+        # out[i] = sum_j h[j] x[i - j] (convolution); conv1d correlates: flip h
+        k = t.tensor(w[::-1].copy(), dtype=x.dtype, device=x.device).view(1, 1, -1)
+        moved = x.movedim(axis, -1)
+        shape = moved.shape
+        rows = moved.reshape(-1, 1, shape[-1])
+        out = t.nn.functional.conv1d(rows, k, padding=radius)
+        return out.reshape(shape).movedim(-1, axis).contiguous()
+
+    def gaussian_filter(self, x, sigmas):
+        """See :meth:`NumpyBackend.gaussian_filter`: one 1-D pass per axis, in order."""
+        for axis, sigma in enumerate(sigmas):
+            x = self.gaussian_filter1d(x, sigma, axis)
+        return x
 
     # -- fused kernels (plain tensor expressions; see NumpyBackend for the contracts) ------
     def lsqr_update(self, x, w, v, a: float, c: float):
