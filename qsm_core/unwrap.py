@@ -59,13 +59,6 @@ def laplacian_eigenvalues(shape, *, voxel_size_mm, dtype=np.float32) -> np.ndarr
     return (terms[0] + terms[1] + terms[2]).astype(dtype)
 
 
-def _wrap(a: np.ndarray) -> np.ndarray:
-    """Wrap to [-pi, pi] (in place for float32 arrays)."""
-    a = np.asarray(a, np.float32)
-    a -= np.float32(2 * np.pi) * np.rint(a * np.float32(1 / (2 * np.pi)))
-    return a
-
-
 def _phase_laplacian(phase, v, mask, formula, be):
     """Discrete Laplacian (Neumann boundary) of the unwrapped phase from the wrapped phase.
 
