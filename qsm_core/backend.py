@@ -754,7 +754,7 @@ class TorchBackend:
         return float(self.torch.dot(z.reshape(-1), y.reshape(-1)))
 
 
-def get_backend(device: str = "cpu"):
+def get_backend(device: str = "cpu", *, workers: int = -1):
     """Backend for a device name.
 
     Parameters
@@ -762,13 +762,15 @@ def get_backend(device: str = "cpu"):
     device : {"cpu", "torch-cpu", "cuda", "cuda:N"}
         ``"cpu"``: numpy/scipy; ``"torch-cpu"``: the torch code path on the CPU (for
         testing the GPU path without a GPU); ``"cuda"``: torch on a GPU.
+    workers : int
+        FFT workers of the numpy backend (-1: all cores); torch ignores it.
 
     Returns
     -------
     NumpyBackend or TorchBackend
     """
     if device == "cpu":
-        return NumpyBackend()
+        return NumpyBackend(workers)
     if device == "torch-cpu":
         return TorchBackend("cpu")
     if isinstance(device, str) and device.startswith("cuda"):

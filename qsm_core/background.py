@@ -183,7 +183,7 @@ def vsharp(total_field_hz, mask, *, voxel_size_mm, radii_mm=None,
                   for n, g in zip(mc.shape, margin))
     off = [(s - n) // 2 for s, n in zip(shape, mc.shape)]
     inner = tuple(slice(o, o + n) for o, n in zip(off, mc.shape))
-    be = NumpyBackend(workers) if device == "cpu" else get_backend(device)
+    be = get_backend(device, workers=workers)
     mpad = np.zeros(shape, np.float32)
     mpad[inner] = mc
     # which radius each voxel uses: the largest whose ball fits inside the mask, i.e.
@@ -293,7 +293,7 @@ def pdf(total_field_hz, mask, *, voxel_size_mm, b0_dir, weight=None, tol: float 
                   for n, p in zip(field.shape, pads))
     off = [(s - n) // 2 for s, n in zip(shape, field.shape)]
     inner = tuple(slice(o, o + n) for o, n in zip(off, field.shape))
-    be = NumpyBackend(workers) if device == "cpu" else get_backend(device)
+    be = get_backend(device, workers=workers)
     d = be.asarray(dipole_kernel(shape, voxel_size_mm=v, b0_dir=b))
     outside = np.zeros(shape, np.float32)
     outside[inner] = ~m  # background sources: inside the FOV, outside the mask

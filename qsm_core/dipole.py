@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
-from qsm_core.backend import NumpyBackend, get_backend
+from qsm_core.backend import get_backend
 from qsm_core.errors import InputError
 
 __all__ = ["dipole_kernel", "forward_field_ppm", "padded_shape", "pad_to", "crop_from"]
@@ -132,7 +132,7 @@ def forward_field_ppm(chi_ppm: np.ndarray, *, voxel_size_mm, b0_dir, pad_voxels=
     if pad_voxels is None:
         pad_voxels = [n // 2 for n in chi.shape]
     shape = padded_shape(chi.shape, pad_voxels)
-    be = NumpyBackend(workers) if device == "cpu" else get_backend(device)
+    be = get_backend(device, workers=workers)
     d = dipole_kernel(shape, voxel_size_mm=voxel_size_mm, b0_dir=b0_dir)
     spec = be.rfftn(be.asarray(pad_to(chi.astype(np.float32), shape)))
     spec *= be.asarray(d)

@@ -369,7 +369,7 @@ def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int 
     if phase_offset == "smooth" and not (np.isfinite(offset_sigma_mm) and offset_sigma_mm > 0):
         raise InputError(f"offset_sigma_mm must be a positive number of mm, got "
                          f"{offset_sigma_mm!r}")
-    be = NumpyBackend(workers) if device == "cpu" else get_backend(device)
+    be = get_backend(device, workers=workers)
     unwrap_opts = {"voxel_size_mm": voxel_size_mm, "mask": unwrap_mask, "workers": workers,
                    "device": device}
     unwrapped = np.empty_like(phase)

@@ -217,7 +217,7 @@ def laplacian_unwrap(phase_rad: np.ndarray, *, voxel_size_mm, pad_voxels=0, mask
         mask_p = None if mask is None else np.pad(mask, [(p, p) for p in pads], mode="edge")
     else:
         phase_p, mask_p = phase, mask
-    be = NumpyBackend(workers) if device == "cpu" else get_backend(device)
+    be = get_backend(device, workers=workers)
     lap = _phase_laplacian(be.asarray(phase_p), v,
                            None if mask_p is None else be.as_bool(mask_p), formula, be)
     sol = be.to_numpy(_poisson_neumann(lap, v, be))
