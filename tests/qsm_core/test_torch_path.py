@@ -1,13 +1,15 @@
 """The torch code path of the stages before the inversion gives the numpy path's result.
 
 ``device="torch-cpu"`` runs exactly the code that ``device="cuda"`` runs, on the CPU, so
-these tests check the GPU path's algorithms on machines without a GPU. Each compares the
-two paths on the same inputs (float32 tolerance), and the physics is checked against the
-truth where a stage has one (the numpy path's own tests cover the rest).
+these tests check the GPU path's algorithms on machines without a GPU; where torch sees a
+GPU they run on ``cuda`` as well. Each compares the two paths on the same inputs (float32
+tolerance), and the physics is checked against the truth where a stage has one (the numpy
+path's own tests cover the rest).
 """
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from qsm_core.backend import NumpyBackend, get_backend
@@ -21,6 +23,7 @@ from .test_pipeline import TE, _nrmse, _phantom
 
 VOX = (1.0, 1.2, 2.0)
 B0 = (0.0, 0.1, 1.0)
+TORCH_DEVICES = ["torch-cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _rel(a, b) -> float:
@@ -28,9 +31,14 @@ def _rel(a, b) -> float:
     return float(np.abs(np.asarray(a, float) - b).max() / max(np.abs(a).max(), 1e-30))
 
 
+@pytest.fixture(scope="module", params=TORCH_DEVICES)
+def device(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def torch_be():
-    return get_backend("torch-cpu")
+def torch_be(device):
+    return get_backend(device)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +85,7 @@ def test_wrap_is_the_same(torch_be):
     np.testing.assert_allclose(got, want, atol=2e-6)
 
 
-def test_unwrap_and_echo_fit(head, rng):
+def test_unwrap_and_echo_fit(head, rng, device):
     x, y, z, brain = head["x"], head["y"], head["z"], head["brain"]
     f = 30 * (x**2 - y**2) + 20 * z + 5 * np.exp(-((x - 0.2) ** 2 + y**2 + z**2) / 0.02)
     te = np.array([0.006, 0.012, 0.018, 0.024])
@@ -88,13 +96,13 @@ def test_unwrap_and_echo_fit(head, rng):
     trust = np.zeros(brain.shape, bool)
     trust[2:-2, 2:-2, 2:-2] = True
     u = {d: laplacian_unwrap(phase[..., 3], voxel_size_mm=VOX, mask=trust, device=d)
-         for d in ("cpu", "torch-cpu")}
-    assert _rel(u["cpu"], u["torch-cpu"]) < 1e-5
+         for d in ("cpu", device)}
+    assert _rel(u["cpu"], u[device]) < 1e-5
     for offset in ("smooth", "voxel"):
         fits = {d: fit_frequency(phase, mag, te, voxel_size_mm=VOX, mask=brain,
                                  unwrap_mask=trust, phase_offset=offset, device=d)
-                for d in ("cpu", "torch-cpu")}
-        a, b = fits["cpu"], fits["torch-cpu"]
+                for d in ("cpu", device)}
+        a, b = fits["cpu"], fits[device]
         assert _rel(a.frequency_hz, b.frequency_hz) < 1e-5
         assert _rel(a.phase_offset_rad, b.phase_offset_rad) < 1e-4
         assert _rel(a.noise_std_hz, b.noise_std_hz) < 1e-3
@@ -102,24 +110,24 @@ def test_unwrap_and_echo_fit(head, rng):
     # physics: noise-free, every voxel trusted, the unwrapping is exact up to a constant
     clean = np.angle(np.exp(1j * (0.5 * x[..., None] + 2 * np.pi * f[..., None] * te)))
     fit = fit_frequency(clean.astype(np.float32), mag, te, voxel_size_mm=VOX, mask=brain,
-                        device="torch-cpu")
+                        device=device)
     err = fit.frequency_hz[brain] - f[brain]
     assert np.std(err) < 1e-3 * np.std(f[brain])  # measured: 3e-5 of it
 
 
-def test_vsharp_restoration_pdf_forward_field(head):
+def test_vsharp_restoration_pdf_forward_field(head, device):
     brain, chi = head["brain"], head["chi"]
     total = forward_field_ppm(chi, voxel_size_mm=VOX, b0_dir=B0) * 128.0
     true_local = forward_field_ppm(np.where(brain, chi, 0), voxel_size_mm=VOX, b0_dir=B0) * 128
     out = {}
-    for d in ("cpu", "torch-cpu"):
+    for d in ("cpu", device):
         local, mask_out = vsharp(total, brain, voxel_size_mm=VOX, device=d)
         restored = restore_harmonic(vsharp, local, brain, mask_out, voxel_size_mm=VOX,
                                     b0_dir=B0, device=d)
         ff = forward_field_ppm(chi, voxel_size_mm=VOX, b0_dir=B0, device=d)
         local_pdf, _ = pdf(total, brain, voxel_size_mm=VOX, b0_dir=B0, max_iter=30, device=d)
         out[d] = (local, mask_out, restored, ff, local_pdf)
-    (l0, m0, r0, f0, p0), (l1, m1, r1, f1, p1) = out["cpu"], out["torch-cpu"]
+    (l0, m0, r0, f0, p0), (l1, m1, r1, f1, p1) = out["cpu"], out[device]
     np.testing.assert_array_equal(m0, m1)
     assert _rel(l0, l1) < 1e-5 and _rel(r0, r1) < 1e-5 and _rel(f0, f1) < 1e-5
     assert _rel(p0, p1) < 1e-2  # 30 CG iterations amplify float32 rounding
@@ -128,16 +136,16 @@ def test_vsharp_restoration_pdf_forward_field(head):
     assert np.abs(total - true_local)[fm].std() > 5 * np.abs(l1 - true_local)[fm].std()
 
 
-def test_reconstruct_on_torch_matches_numpy():
+def test_reconstruct_on_torch_matches_numpy(device):
     ph = _phantom(np.random.default_rng(3), n=40)
     res = {d: reconstruct(ph["mag"], ph["phase"], TE, affine=ph["affine"], field_strength_t=3.0,
-                          method="tkd", device=d) for d in ("cpu", "torch-cpu")}
-    a, b = res["cpu"], res["torch-cpu"]
+                          method="tkd", device=d) for d in ("cpu", device)}
+    a, b = res["cpu"], res[device]
     np.testing.assert_array_equal(a.brain_mask, b.brain_mask)
     np.testing.assert_array_equal(a.mask, b.mask)
     assert _rel(a.total_field_hz, b.total_field_hz) < 1e-5
     assert _rel(a.local_field_hz, b.local_field_hz) < 1e-4
     assert _rel(a.chi_ppm, b.chi_ppm) < 1e-4
-    assert b.parameters["device"] == "torch-cpu"
+    assert b.parameters["device"] == device
     fm = b.mask.astype(bool)
     assert abs(_nrmse(a.chi_ppm, ph["chi"], fm) - _nrmse(b.chi_ppm, ph["chi"], fm)) < 1e-4
