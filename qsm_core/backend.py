@@ -608,11 +608,8 @@ class TorchBackend:
 
     # -- preprocessing stages (see NumpyBackend for the contracts) ------------------------
     def as_bool(self, a):
-        """Boolean tensor on the device (nonzero = True)."""
-        if isinstance(a, self.torch.Tensor):
-            return a.to(self.device) != 0 if a.dtype != self.torch.bool else a.to(self.device)
-        a = np.asarray(a)
-        return self.torch.from_numpy(np.ascontiguousarray(a if a.dtype == bool else a != 0)
+        """Boolean tensor on the device from an array (nonzero = True)."""
+        return self.torch.from_numpy(np.ascontiguousarray(NumpyBackend.as_bool(a))
                                      ).to(self.device)
 
     def as_float64(self, a):

@@ -387,10 +387,10 @@ def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int 
     w = be.asarray(mag.reshape(-1, n_echo)[sel])
     w = w * w
     wmax = float(w.max()) if sel.any() else 0.0
-    w += float(np.float32(max(wmax, 1e-30) * 1e-12))  # no all-zero weight voxels
+    w += max(wmax, 1e-30) * 1e-12  # no all-zero weight voxels
     two_pi = 2.0 * np.pi
     if n_echo == 1:
-        slope = u[:, 0] / float(np.float32(te[0]))
+        slope = u[:, 0] / float(te[0])
         phi0 = be.zeros(slope.shape)
         sigma = background_noise_std(mag[..., 0])
         var_f = (sigma**2 / w[:, 0]) / float((two_pi * te[0]) ** 2)
@@ -428,19 +428,19 @@ def fit_frequency(phase_rad, magnitude, te_s, *, voxel_size_mm, phase_sign: int 
                                         shape, noise_pool_mm, voxel_size_mm, be)
             method = "residual"
         else:
-            sigma2 = float(np.float32(background_noise_std(mag[..., 0]) ** 2))
+            sigma2 = background_noise_std(mag[..., 0]) ** 2
             method = "background"
         if phase_offset == "smooth":
-            var_f = sigma2 / be.maximum(stt, 1e-30) / float(np.float32(two_pi**2))
+            var_f = sigma2 / be.maximum(stt, 1e-30) / two_pi**2
         else:
-            var_f = sigma2 * sw / det / float(np.float32(two_pi**2))
+            var_f = sigma2 * sw / det / two_pi**2
 
     def scatter(values):
         out = np.zeros(shape, np.float32)
         out.reshape(-1)[sel] = be.to_numpy(values)
         return out
 
-    freq = scatter(slope * phase_sign / float(np.float32(two_pi)))
+    freq = scatter(slope * phase_sign / two_pi)
     phi0 = scatter(phi0)
     noise = scatter(be.sqrt(be.as_float32(var_f)))
     log.info("echo fit: %d echo(es), noise estimate from %s", n_echo, method)
