@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from qsm_core.errors import InputError, QSMRimError
+from qsmrim.cli import add_no_progress
 from rimnet.patches import PATCH_MM, PATCH_VOXELS
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,7 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "lesions") -> None:
                         help="participants to process ('01' or 'sub-01')")
     parser.add_argument("--min-long-axis-mm", type=float, default=3.0, metavar="MM",
                         help="drop lesions whose long axis is shorter (default: 3)")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bar (batch jobs, logs)")
+    add_no_progress(parser)
 
 
 def _write_failures(out_dir: Path, failures: list[dict]) -> None:

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from qsm_core.errors import InputError
+from qsmrim.cli import add_no_progress
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,7 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "predict") -> None:
                         help="only merge the finished scans in OUT_DIR into the batch tables")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute scans that are already done")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bar (batch jobs, logs)")
+    add_no_progress(parser)
 
 
 def run(args) -> int:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from qsm_core.errors import InputError, QSMRimError
+from qsmrim.cli import add_no_progress
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +92,7 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "recon") -> None:
                      help="compute device (default: cpu)")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute scans whose Chimap exists (default: skip them)")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bar (batch jobs, logs)")
+    add_no_progress(parser)
 
 
 # --------------------------------------------------------------------- selection

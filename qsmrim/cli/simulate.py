@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qsm_core.errors import InputError
+from qsmrim.cli import add_no_progress
 
 
 def add_parser(parser: argparse.ArgumentParser, name: str) -> None:
@@ -44,7 +45,7 @@ def add_parser(parser: argparse.ArgumentParser, name: str) -> None:
                         help="write participants.tsv and lesions.tsv without images")
     parser.add_argument("--report", action="store_true",
                         help="write a calibration report to derivatives/simulation/")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_no_progress(parser)
 
 
 def _overrides(items: list[str]) -> dict:

@@ -24,6 +24,7 @@ import shlex
 from pathlib import Path
 
 from qsm_core.errors import InputError
+from qsmrim.cli import add_no_progress
 
 __all__ = ["add_parser", "run"]
 
@@ -96,7 +97,7 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "train") -> None:
                              "number of cores is fastest (default 1)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run in MODEL_DIR")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_no_progress(parser)
     parser.add_argument("--bundle", type=Path, metavar="DIR",
                         help="also export the model as a MONAI bundle into DIR")
 
