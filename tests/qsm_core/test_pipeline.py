@@ -193,3 +193,20 @@ def test_harmonic_restoration_default_and_off(phantom):
     assert e1 < e0 + 0.01, (e1, e0)
     with pytest.raises(InputError, match="restore_iter"):
         reconstruct(phantom["mag"], phantom["phase"], TE, restore_iter=-1, **kw)
+
+
+def test_flipped_phase_convention_is_flagged(phantom, caplog):
+    """Right convention: chi skews positive (paramagnetic nuclei); the wrong one: warned."""
+    mask = phantom["brain"].astype(np.uint8)
+    kw = {"affine": phantom["affine"], "field_strength_t": 3.0, "method": "tkd", "mask": mask}
+    with caplog.at_level("WARNING", logger="qsm_core.pipeline"):
+        good = reconstruct(phantom["mag"], phantom["phase"], TE, **kw)
+    assert good.parameters["qc"]["chi_skewness"] > 1.0
+    assert good.parameters["qc"]["phase_sign_suspect"] is False
+    assert "phase convention" not in caplog.text
+    with caplog.at_level("WARNING", logger="qsm_core.pipeline"):
+        bad = reconstruct(phantom["mag"], -phantom["phase"], TE, **kw)  # left-handed data
+    qc = bad.parameters["qc"]
+    assert qc["phase_sign_suspect"] is True
+    assert qc["chi_skewness"] == pytest.approx(-good.parameters["qc"]["chi_skewness"], abs=0.05)
+    assert "--phase-sign -1" in caplog.text
