@@ -189,6 +189,8 @@ def main(argv=None):
                     help="give the phantom's brain mask instead of computing one")
     ap.add_argument("--threads", type=int, default=None,
                     help="cap FFT/BLAS threads (sets OMP/MKL/OPENBLAS env before numpy work)")
+    ap.add_argument("--mask-dark-fraction", type=float, default=None,
+                    help="brain_mask's dark_fraction (default: the pipeline's)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "torch-cpu", "cuda"),
                     help="where the pipeline runs (reconstruct's device; the reference "
                          "inversion stays on the CPU)")
@@ -250,6 +252,8 @@ def main(argv=None):
             extra["fit_options"] = {"phase_offset": args.phase_offset}
         if args.data_weights is not None:
             extra["data_weights"] = args.data_weights
+        if args.mask_dark_fraction is not None:
+            extra["mask_options"] = {"dark_fraction": args.mask_dark_fraction}
         res = reconstruct(mag, pha, te, affine=affine, field_strength_t=FIELD_T,
                           method=args.method, bgremove=args.bgremove, b0_world=b0_world,
                           mask=ph["brain_mask"] if args.user_mask else None,
