@@ -20,7 +20,7 @@
 Usage::
 
     python benchmarks/bench_predict.py [--threads 2] [--scans 8] [--repeats 3]
-        [--model DIR] [--tta none|flip|d4|d4z] [--folds K] [--no-cnn]
+        [--model DIR] [--tta none|flip|d4|d4z] [--folds K] [--no-cnn] [--patch-voxels P]
         [--bids DIR --lesions DIR [--qsm DIR [--batch]]] [--participant-label 001]
 
 3. Optional (``--batch`` with ``--qsm``): the whole batch (:func:`rimnet.predictor.run_batch`:
@@ -246,6 +246,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tta", choices=("none", "flip", "d4", "d4z"),
                     help="test-time augmentation (default: the model's)")
     ap.add_argument("--folds", type=int, help="number of fold networks to use")
+    ap.add_argument("--patch-voxels", type=int,
+                    help="speed only: cut P-sample patches of P mm (1 mm sampling) and run the "
+                         "model's networks on them, as a model trained on that size would run "
+                         "(the scores are meaningless)")
     ap.add_argument("--bids", help="BIDS dataset (FLAIR; raw MEGRE for the recon timing)")
     ap.add_argument("--lesions", help="lesion-map folder of --bids")
     ap.add_argument("--qsm", help="Chimaps of --bids: measure the throughput on these scans")
@@ -267,8 +271,14 @@ def main(argv=None) -> int:
         folds = list(range(args.folds)) if args.folds else None
         model = load_model(model_dir, tta=args.tta, folds=folds)
         what = f"{model!r} from {model_dir}"
+        if args.patch_voxels:  # the networks pool globally, so they take any patch size
+            p = int(args.patch_voxels)
+            model.config = {**model.config, "patch_voxels": p, "patch_mm": float(p)}
+            model.patch_voxels, model.patch_mm = p, float(p)
+            what += f", run on {p} mm / {p}-sample patches (speed only)"
     else:
-        model, what = default_like_model(32, tta=args.tta, n_folds=args.folds)
+        model, what = default_like_model(args.patch_voxels or 32, tta=args.tta,
+                                         n_folds=args.folds)
     print(f"threads={args.threads} (torch {torch.get_num_threads()})  CNN: {what}")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_predict_"))
