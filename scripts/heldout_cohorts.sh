@@ -10,6 +10,8 @@
 #   heldout2                 a second, larger cohort (seed 8888, 20 patients, Siemens 1 mm)
 #   stress, stress2          harder scans (seeds 4242 and 5151, 12 patients): procedural
 #                            anatomy, head tilt up to 15 deg, FLAIR at 1 x 1 x 3 mm, larger lesions
+#   irregular                the siemens plan with lobulated, irregular lesion outlines
+#                            (boundary noise 0.3-0.5 instead of 0.08-0.22); not run by default
 # Each: qsmrim simulate -> recon -> predict (--qsm, no montages) -> evaluate (--scored-only);
 # the summary of each report is WORK_DIR/<cohort>/report/report.md. About 5-10 min per
 # cohort on 2 cores, mostly reconstruction.
@@ -33,8 +35,10 @@ for c in "${cohorts[@]}"; do
     heldout2) opts=(--subjects 20 --seed 8888 --scanner siemens --set MS.lesions_mean=16) ;;
     stress) opts=(--seed 4242 "${stress[@]}") ;;
     stress2) opts=(--seed 5151 "${stress[@]}") ;;
+    irregular) opts=(--subjects 10 --seed 7777 --scanner siemens --set MS.lesions_mean=16
+                     --set MS.style.irregularity_min=0.3 --set MS.style.irregularity_max=0.5) ;;
     *) echo "heldout_cohorts.sh: unknown cohort '$c' (siemens philips aniso heldout2 stress" \
-            "stress2)" >&2; exit 2 ;;
+            "stress2 irregular)" >&2; exit 2 ;;
   esac
   [ -f "$d/bids/participants.tsv" ] || qsmrim simulate "$d/bids" "${general[@]}" "${opts[@]}"
   qsmrim recon "$d/bids" "$d/qsm" --no-progress

@@ -143,3 +143,37 @@ def test_gre_noise_matches_stated_snr():
     air = anat.labels == LABEL_IDS["air"]
     sigma = mag[..., 0][air].mean() / np.sqrt(np.pi / 2)
     assert sigma == pytest.approx(TISSUES["wm"].pd / 20.0, rel=0.05)
+
+
+def test_irregularity_makes_outlines_lobulated():
+    """Boundary noise of amplitude 0.5 gives a rougher outline than none (S / V^(2/3))."""
+    import scipy.ndimage as ndi
+
+    def surface_to_volume(irregularity):
+        les = _lesion(blobs=[(np.zeros(3), np.array([7.0, 6.0, 5.5]))],
+                      irregularity=irregularity, shape_seed=3)
+        _, inside, _, _ = rasterise(les, _flat_wm(shape=(48, 48, 48), vox=0.5).affine,
+                                    (48, 48, 48))
+        surface = inside & ~ndi.binary_erosion(inside)
+        return surface.sum() / inside.sum() ** (2 / 3)  # does not depend on the size
+
+    smooth, rough = surface_to_volume(0.0), surface_to_volume(0.5)
+    assert rough > 1.15 * smooth
+
+
+def test_lesion_style_irregularity_range_is_drawn_and_validated(rng):
+    from training.simulate.lesions import place_lesion
+    from training.simulate.presets import get_preset
+
+    base = build_anatomy(source="procedural", voxel_size_mm=(2, 2, 2), shape=(64, 72, 64),
+                         veins=False)
+    style = LesionStyle(irregularity_min=0.35, irregularity_max=0.4)
+    drawn = [place_lesion(base, rng, lesion_id=k + 1, location="deep_wm", style=style,
+                          existing=[]).irregularity for k in range(6)]
+    assert min(drawn) >= 0.35 and max(drawn) <= 0.4
+    preset = get_preset("general-ms", {"MS.style.irregularity_min": "0.3",
+                                       "MS.style.irregularity_max": "0.5"})
+    assert (preset.groups[0].style.irregularity_min,
+            preset.groups[0].style.irregularity_max) == (0.3, 0.5)
+    with pytest.raises(InputError, match="irregularity_min <= style.irregularity_max"):
+        get_preset("general-ms", {"MS.style.irregularity_max": "0.05"})

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import scipy.ndimage as ndi
 
+from qsm_core.errors import InputError
 from training.simulate.anatomy import LABEL_IDS, Anatomy, placement_maps
 from training.simulate.veins import Vein, segment_distance_mm
 
@@ -133,6 +134,10 @@ class LesionStyle:
         neighbours are unchanged), and the rim is thinned if the long semi-axis itself is
         too short. Without this, 3-4 mm lesions get 2 mm "rims" that are the whole lesion
         and no reader could tell from a uniformly paramagnetic lesion.
+    irregularity_min, irregularity_max : float
+        Each lesion's boundary is its ellipsoid(s) displaced by smooth noise of a relative
+        amplitude drawn uniformly from this range (0: smooth ovoids; 0.5: lobulated,
+        irregular outlines).
     """
 
     location_probs: dict = field(default_factory=lambda: {
@@ -147,6 +152,15 @@ class LesionStyle:
     near_deep_gm_prob: float = 0.05
     prl_size_bias: float = 1.0
     prl_min_core_mm: float = 1.5
+    irregularity_min: float = 0.08
+    irregularity_max: float = 0.22
+
+    def validate(self, where: str) -> None:
+        """Raise InputError naming a value out of its range (``where``: for the message)."""
+        if not 0.0 <= self.irregularity_min <= self.irregularity_max <= 0.6:
+            raise InputError(f"{where}: need 0 <= style.irregularity_min <= "
+                             f"style.irregularity_max <= 0.6, got {self.irregularity_min}, "
+                             f"{self.irregularity_max}")
 
 
 def _random_rotation(rng, axis=None):
@@ -257,7 +271,9 @@ def place_lesion(base: Anatomy, rng: np.random.Generator, *, lesion_id: int, loc
         les = Lesion(lesion_id=lesion_id, centre_mm=c, rotation=rot, blobs=blobs,
                      location="deep_wm" if loc == "near_deep_gm" else loc,
                      shape_seed=int(rng.integers(2**31)),
-                     irregularity=float(rng.uniform(0.08, 0.22)), confluent=confluent,
+                     irregularity=float(rng.uniform(style.irregularity_min,
+                                                   style.irregularity_max)),
+                     confluent=confluent,
                      near=near if near else ("cortex" if loc == "juxtacortical" else ""))
         if all(np.linalg.norm(c - o.centre_mm) > les.extent_mm + o.extent_mm + 2.0
                for o in existing):

@@ -85,6 +85,7 @@ class GroupSpec:
 
     def validate(self, where: str) -> None:
         """Raise InputError naming the bad value and its allowed range."""
+        self.style.validate(where)
         def frac(name):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and 0.0 <= v <= 1.0):
