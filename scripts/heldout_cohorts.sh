@@ -17,8 +17,19 @@
 # cohort on 2 cores, mostly reconstruction.
 set -euo pipefail
 work=${1:?usage: heldout_cohorts.sh WORK_DIR [MODEL_DIR] [COHORT ...]}
+known=" siemens philips aniso heldout2 stress stress2 irregular "
 model=${2:-}
-shift $(( $# >= 2 ? 2 : 1 ))
+if [ -n "$model" ] && [ ! -d "$model" ] && [[ $known == *" $model "* ]]; then
+  model=""  # a cohort name in the MODEL_DIR slot: the packaged model, cohorts from $2 on
+  shift 1
+else
+  shift $(( $# >= 2 ? 2 : 1 ))
+fi
+if [ -n "$model" ] && [ ! -d "$model" ]; then
+  echo "heldout_cohorts.sh: MODEL_DIR '$model' is not a folder (give a model directory, or" \
+       "leave it out for the packaged model)" >&2
+  exit 2
+fi
 cohorts=("$@")
 [ ${#cohorts[@]} -eq 0 ] && cohorts=(siemens philips aniso heldout2 stress stress2)
 mkdir -p "$work"
