@@ -72,6 +72,10 @@ class TrainConfig:
         Global batch size (split over DDP processes).
     lr, weight_decay : float
         AdamW settings (cosine learning-rate decay over ``epochs``, warm-up of 1 epoch).
+    weight_ema : float
+        Decay per optimiser step of an exponential moving average of the weights and the
+        batch-norm statistics (e.g. 0.995: a memory of ~200 steps); validation, early
+        stopping and the saved network then use the averaged weights. 0 (default): off.
     imbalance : str
         ``pos_weight`` (BCE weight sqrt(n_neg/n_pos) on positives, undone by the
         calibration offset), ``sampler`` (class-balanced sampling with replacement; one
@@ -123,6 +127,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
+    weight_ema: float = 0.0
     imbalance: str = "pos_weight"
     flip_prob: float = 0.5
     rot90_prob: float = 0.75
@@ -172,6 +177,8 @@ class TrainConfig:
             bad("patience", "and min_epochs must be >= 1 and >= 0")
         if not self.lr > 0 or self.weight_decay < 0:
             bad("lr", "must be > 0 (and weight_decay >= 0)")
+        if not 0.0 <= self.weight_ema < 1.0:
+            bad("weight_ema", "must be in [0, 1) (0: no weight averaging)")
         if self.n_types < 0 or (self.n_types > 0 and not self.type_column):
             bad("n_types", "needs a type_column (and must be >= 0)")
         if not self.patch_mm > 0:

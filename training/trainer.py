@@ -307,6 +307,19 @@ class _Rows:
         return np.asarray(self.arr[self.rows[sl]], dtype=np.float32)
 
 
+def _weight_average(net: nn.Module, decay: float):
+    """An exponential moving average of ``net``'s weights and buffers, or None if ``decay`` is 0.
+
+    ``update_parameters(net)`` after each optimiser step; the averaged network is
+    ``.module`` (batch-norm running statistics averaged too, so it needs no extra pass).
+    """
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def _train_fold(k: int, patches, labels, types, train_idx, val_idx, *, config: TrainConfig,
                 pos_weight: float, fold_dir: Path, info: DistInfo, resume: bool) -> np.ndarray:
     """Train fold ``k``; return the out-of-fold logits of ``val_idx``."""
@@ -328,6 +341,7 @@ def _train_fold(k: int, patches, labels, types, train_idx, val_idx, *, config: T
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - steps) / max(1, total - steps))))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    ema = _weight_average(net, config.weight_ema)
     state = {"epoch": 0, "best_pr_auc": -1.0, "best_epoch": -1, "since_best": 0,
              "finished": False, "history": []}
     if resume and ckpt_path.exists():
@@ -335,6 +349,8 @@ def _train_fold(k: int, patches, labels, types, train_idx, val_idx, *, config: T
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
         state = {key: ck[key] for key in state}
         log.info("fold %d: resuming after epoch %d", k, state["epoch"])
     model = wrap_model(net, info)
@@ -389,9 +405,13 @@ def _train_fold(k: int, patches, labels, types, train_idx, val_idx, *, config: T
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(net)
             losses.append(float(loss.detach()))
         net.eval()
-        z_val = _sharded_logits(info, net, patches, val_idx, tta="none", device=device)
+        scored = net if ema is None else ema.module  # the network validated and saved
+        scored.eval()
+        z_val = _sharded_logits(info, scored, patches, val_idx, tta="none", device=device)
         roc, pr = _auc_pair(y_val, z_val)
         val_loss = float(nn.functional.binary_cross_entropy_with_logits(
             torch.as_tensor(z_val), torch.as_tensor(y_val, dtype=torch.float64),
@@ -407,7 +427,7 @@ def _train_fold(k: int, patches, labels, types, train_idx, val_idx, *, config: T
         if improved:
             state["best_pr_auc"], state["best_epoch"], state["since_best"] = pr, epoch + 1, 0
             if info.is_main:
-                save_state_dict(net, best_path)
+                save_state_dict(scored, best_path)
         else:
             state["since_best"] += 1
         if (state["epoch"] >= max(config.min_epochs, 1)
@@ -418,6 +438,8 @@ def _train_fold(k: int, patches, labels, types, train_idx, val_idx, *, config: T
         if info.is_main:
             ck = {"model": net.state_dict(), "optimizer": opt.state_dict(),
                   "scheduler": sched.state_dict(), **state}
+            if ema is not None:
+                ck["ema"] = ema.state_dict()
             with atomic_path(ckpt_path) as tmp:
                 torch.save(ck, tmp)
             write_text(fold_dir / "log.jsonl",

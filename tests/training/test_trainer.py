@@ -168,3 +168,44 @@ def test_type_head_from_type_names(tmp_path, data):
     np.testing.assert_allclose(probs.sum(1), 1.0)
     with pytest.raises(InputError, match="more than n_types"):
         train_model(x, t, config=cfg.replace(n_types=3), out_dir=tmp_path / "m3")
+
+
+def test_weight_average_is_saved_validated_and_resumed(tmp_path, data, monkeypatch):
+    x, t = data
+    cfg = TrainConfig(**{**SMALL, "epochs": 3, "min_epochs": 3, "weight_ema": 0.9})
+    ref = tmp_path / "ref"
+    train_model(x, t, config=cfg, out_dir=ref, folds=[0])
+    ck = torch.load(ref / "fold_0/checkpoint_last.pt", weights_only=True)
+    saved = torch.load(ref / "fold_0/model.pt", weights_only=True)
+    log = [json.loads(line) for line in (ref / "fold_0/log.jsonl").read_text().splitlines()]
+    # (on this seeded data the last epoch is the best, so model.pt holds its weights)
+    assert max(h["val_pr_auc"] for h in log) == log[-1]["val_pr_auc"]
+    # the saved network is the running average, not the raw weights
+    for key, value in saved.items():
+        torch.testing.assert_close(value, ck["ema"][f"module.{key}"])
+    assert any(not torch.equal(saved[k], ck["model"][k]) for k in saved
+               if saved[k].is_floating_point())
+    # an average over the steps: int(n_averaged) = optimiser steps taken
+    steps = ck["ema"]["n_averaged"].item()
+    assert steps >= 3
+    # interrupted after two epochs and resumed: the same averaged network
+    calls = {"n": 0}
+    real = trainer_mod.barrier
+
+    def crash_after_two_epochs(info):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(info)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(trainer_mod, "barrier", crash_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(x, t, config=cfg, out_dir=out, folds=[0])
+    monkeypatch.setattr(trainer_mod, "barrier", real)
+    train_model(x, t, config=cfg, out_dir=out, folds=[0], resume=True)
+    b = torch.load(out / "fold_0/model.pt", weights_only=True)
+    for key in saved:
+        torch.testing.assert_close(saved[key], b[key], rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="weight_ema"):
+        TrainConfig(**{**SMALL, "weight_ema": 1.0})
