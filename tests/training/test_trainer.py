@@ -96,13 +96,8 @@ def test_train_writes_model_dir_and_resumes(tmp_path, data):
         train_model(x, t, config=cfg.replace(lr=5e-3), out_dir=out, resume=True)
 
 
-def test_interrupted_fold_resumes_exactly(tmp_path, data, monkeypatch):
-    x, t = data
-    cfg = TrainConfig(**{**SMALL, "epochs": 3})
-    ref = tmp_path / "ref"
-    train_model(x, t, config=cfg, out_dir=ref, folds=[0])
-    assert not (ref / "metrics.json").exists()  # waits for fold 1
-
+def _train_interrupted_after_two_epochs(monkeypatch, x, t, cfg, out) -> None:
+    """Train fold 0 into ``out`` and crash (KeyboardInterrupt) after its second epoch."""
     calls = {"n": 0}
     real = trainer_mod.barrier
 
@@ -112,11 +107,21 @@ def test_interrupted_fold_resumes_exactly(tmp_path, data, monkeypatch):
             raise KeyboardInterrupt
         real(info)
 
-    out = tmp_path / "run"
     monkeypatch.setattr(trainer_mod, "barrier", crash_after_two_epochs)
     with pytest.raises(KeyboardInterrupt):
         train_model(x, t, config=cfg, out_dir=out, folds=[0])
     monkeypatch.setattr(trainer_mod, "barrier", real)
+
+
+def test_interrupted_fold_resumes_exactly(tmp_path, data, monkeypatch):
+    x, t = data
+    cfg = TrainConfig(**{**SMALL, "epochs": 3})
+    ref = tmp_path / "ref"
+    train_model(x, t, config=cfg, out_dir=ref, folds=[0])
+    assert not (ref / "metrics.json").exists()  # waits for fold 1
+
+    out = tmp_path / "run"
+    _train_interrupted_after_two_epochs(monkeypatch, x, t, cfg, out)
     ck = torch.load(out / "fold_0/checkpoint_last.pt", weights_only=True)
     assert ck["epoch"] == 2 and not ck["finished"]
     train_model(x, t, config=cfg, out_dir=out, folds=[0], resume=True)
@@ -189,20 +194,8 @@ def test_weight_average_is_saved_validated_and_resumed(tmp_path, data, monkeypat
     steps = ck["ema"]["n_averaged"].item()
     assert steps >= 3
     # interrupted after two epochs and resumed: the same averaged network
-    calls = {"n": 0}
-    real = trainer_mod.barrier
-
-    def crash_after_two_epochs(info):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        real(info)
-
     out = tmp_path / "run"
-    monkeypatch.setattr(trainer_mod, "barrier", crash_after_two_epochs)
-    with pytest.raises(KeyboardInterrupt):
-        train_model(x, t, config=cfg, out_dir=out, folds=[0])
-    monkeypatch.setattr(trainer_mod, "barrier", real)
+    _train_interrupted_after_two_epochs(monkeypatch, x, t, cfg, out)
     train_model(x, t, config=cfg, out_dir=out, folds=[0], resume=True)
     b = torch.load(out / "fold_0/model.pt", weights_only=True)
     for key in saved:
