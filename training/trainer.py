@@ -70,7 +70,7 @@ from training.distributed import (
 from training.splits import fold_indices, load_splits, make_splits, save_splits
 
 __all__ = ["train_model", "prepare_labels", "data_fingerprint", "package_versions",
-           "cv_metrics"]
+           "cv_metrics", "teacher_probabilities"]
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,18 @@ KEY_COLUMNS = ("participant_id", "session_id", "lesion_id")
 
 # ---------------------------------------------------------------------------- data
 class _PatchDataset(Dataset):
-    """Samples ``{"image", "label", "type"}`` for rows ``indices`` of ``patches``."""
+    """Samples ``{"image", "label", "type"[, "soft"]}`` for rows ``indices`` of ``patches``.
 
-    def __init__(self, patches, indices, labels, types, transform):
+    ``soft``: the teacher's rim probability per patch (distillation), or None.
+    """
+
+    def __init__(self, patches, indices, labels, types, transform, soft=None):
         self.patches = patches
         self.indices = np.asarray(indices)
         self.labels = labels
         self.types = types
         self.transform = transform
+        self.soft = soft
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -97,7 +101,35 @@ class _PatchDataset(Dataset):
         d = self.transform(d)
         d["label"] = torch.tensor(float(self.labels[j]))
         d["type"] = torch.tensor(int(self.types[j]))
+        if self.soft is not None:
+            d["soft"] = torch.tensor(float(self.soft[j]))
         return d
+
+
+def teacher_probabilities(teacher_dir, patches, config: TrainConfig, *,
+                          device: str = "cpu") -> np.ndarray:
+    """The teacher ensemble's uncalibrated rim probability of every patch, shape (N,).
+
+    Uncalibrated: ``sigmoid`` of the mean fold logit, on the same scale as the student's
+    own logits (both are trained with the same class weighting), not the deployed
+    probability.
+
+    Raises
+    ------
+    InputError
+        The teacher cannot be loaded, or cuts patches differently from the training data.
+    """
+    teacher = RimCNN.load(teacher_dir, device=device)
+    ours = {"channels": list(config.channels), "patch_mm": float(config.patch_mm),
+            "patch_voxels": int(config.patch_voxels)}
+    theirs = {"channels": list(teacher.channels), "patch_mm": float(teacher.patch_mm),
+              "patch_voxels": int(teacher.patch_voxels)}
+    if ours != theirs:
+        raise InputError(f"teacher {teacher_dir} was trained on patches {theirs}, the "
+                         f"training data are {ours}; distil a teacher of the same patches")
+    log.info("distillation: scoring %d patches with the teacher %s", len(patches), teacher_dir)
+    z = teacher.raw_logits(patches, tta="none")
+    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
 
 def prepare_labels(table: pd.DataFrame, config: TrainConfig, *, n_patches: int
@@ -321,8 +353,12 @@ def _weight_average(net: nn.Module, decay: float):
 
 
 def _train_fold(k: int, patches, labels, types, train_idx, val_idx, *, config: TrainConfig,
-                pos_weight: float, fold_dir: Path, info: DistInfo, resume: bool) -> np.ndarray:
-    """Train fold ``k``; return the out-of-fold logits of ``val_idx``."""
+                pos_weight: float, fold_dir: Path, info: DistInfo, resume: bool,
+                soft: np.ndarray | None = None) -> np.ndarray:
+    """Train fold ``k``; return the out-of-fold logits of ``val_idx``.
+
+    ``soft``: the teacher's probability of every patch (distillation), or None.
+    """
     cfg = config.to_dict()
     device = torch.device(info.device)
     ckpt_path = fold_dir / "checkpoint_last.pt"
@@ -357,7 +393,7 @@ def _train_fold(k: int, patches, labels, types, train_idx, val_idx, *, config: T
     shells = getattr(net, "shells", None)
 
     transform = train_transforms(config, seed=seed)
-    ds = _PatchDataset(patches, train_idx, labels, types, transform)
+    ds = _PatchDataset(patches, train_idx, labels, types, transform, soft=soft)
     pw = torch.tensor(pos_weight if config.imbalance == "pos_weight" else 1.0, device=device)
     rim_loss = nn.BCEWithLogitsLoss(pos_weight=pw)
     type_loss = nn.CrossEntropyLoss(ignore_index=-1)
@@ -399,6 +435,10 @@ def _train_fold(k: int, patches, labels, types, train_idx, val_idx, *, config: T
             # shell features are inputs of the head (no gradient): the compiled kernel on CPU
             out = model(x) if shells is None else model(x, fast_shell_features(shells, x))
             loss = rim_loss(out[:, 0], y)
+            if soft is not None:  # the teacher's probability as a second, soft target
+                w = config.distill_weight
+                loss = (1.0 - w) * loss + w * nn.functional.binary_cross_entropy_with_logits(
+                    out[:, 0], batch["soft"].to(device))
             if config.n_types > 0 and (batch["type"] >= 0).any():
                 loss = loss + config.type_weight * type_loss(out[:, 1:], batch["type"].to(device))
             opt.zero_grad(set_to_none=True)
@@ -580,6 +620,8 @@ def _train(patches, table, *, config, out_dir, resume, folds, command, info) -> 
 
     n_pos = float(labels.sum())
     pos_weight = float(np.sqrt((len(labels) - n_pos) / n_pos))
+    soft = (teacher_probabilities(config.teacher, patches, config, device=info.device)
+            if config.teacher is not None else None)
     with _no_meta_tracking():
         for k in todo:
             fold_dir = out_dir / f"fold_{k}"
@@ -591,7 +633,7 @@ def _train(patches, table, *, config, out_dir, resume, folds, command, info) -> 
             log.info("fold %d: %d training, %d validation lesions", k, len(tr), len(va))
             z = _train_fold(k, patches, labels, types, tr, va, config=config,
                             pos_weight=pos_weight, fold_dir=fold_dir, info=info,
-                            resume=resume)
+                            resume=resume, soft=soft)
             if info.is_main:
                 fold_df = _keys(table.iloc[va]).assign(fold=k, label=labels[va].astype(int),
                                                        logit=z)

@@ -37,7 +37,7 @@ _OVERRIDES = {  # CLI option -> TrainConfig field
     "patch_mm": "patch_mm", "patch_voxels": "patch_voxels", "n_types": "n_types",
     "shell_features": "shell_features", "deploy_prevalence": "deploy_prevalence",
     "type_column": "type_column", "imbalance": "imbalance", "num_workers": "num_workers",
-    "weight_ema": "weight_ema",
+    "weight_ema": "weight_ema", "teacher": "teacher", "distill_weight": "distill_weight",
 }
 
 
@@ -80,6 +80,11 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "train") -> None:
     cfg.add_argument("--weight-ema", type=float, metavar="DECAY",
                      help="validate, early-stop and save an exponential moving average of the "
                           "weights with this decay per step, e.g. 0.995 (default 0: off)")
+    cfg.add_argument("--teacher", metavar="MODEL_DIR",
+                     help="distil this trained ensemble: each network also learns the "
+                          "teacher's probabilities (knowledge distillation)")
+    cfg.add_argument("--distill-weight", type=float, metavar="W",
+                     help="weight of the teacher's soft target in the loss (default 0.7)")
     cfg.add_argument("--patch-mm", type=float, help="patch side in mm (default 32)")
     cfg.add_argument("--patch-voxels", type=int, help="patch samples per side (default 32)")
     cfg.add_argument("--no-shell-features", dest="shell_features", action="store_false",

@@ -202,3 +202,47 @@ def test_weight_average_is_saved_validated_and_resumed(tmp_path, data, monkeypat
         torch.testing.assert_close(saved[key], b[key], rtol=1e-5, atol=1e-6)
     with pytest.raises(InputError, match="weight_ema"):
         TrainConfig(**{**SMALL, "weight_ema": 1.0})
+
+
+def _fold0_oof_auc(out):
+    from sklearn.metrics import roc_auc_score
+
+    oof = pd.read_csv(out / "fold_0/val_predictions.tsv", sep="\t")
+    return roc_auc_score(oof["label"], oof["logit"])
+
+
+def test_distillation_learns_the_teachers_soft_targets(tmp_path, data, monkeypatch):
+    x, t = data
+    y = t["label"].to_numpy(dtype=np.float32)
+    # a teacher that says the opposite of the labels: with distill_weight=1 the network
+    # learns the teacher, so it ranks the validation lesions backwards
+    seen = {}
+
+    def contrary_teacher(teacher_dir, patches, config, device="cpu"):
+        seen["teacher"] = teacher_dir
+        return np.where(y > 0.5, 0.05, 0.95).astype(np.float32)
+
+    monkeypatch.setattr(trainer_mod, "teacher_probabilities", contrary_teacher)
+    cfg = TrainConfig(**{**SMALL, "tta": "none"})
+    train_model(x, t, config=cfg, out_dir=tmp_path / "labels", folds=[0])
+    train_model(x, t, config=cfg.replace(teacher="T", distill_weight=1.0),
+                out_dir=tmp_path / "teacher", folds=[0])
+    assert seen["teacher"] == "T"
+    assert _fold0_oof_auc(tmp_path / "labels") > 0.8
+    assert _fold0_oof_auc(tmp_path / "teacher") < 0.2
+    with pytest.raises(InputError, match="distill_weight"):
+        TrainConfig(**{**SMALL, "distill_weight": 1.5})
+
+
+def test_teacher_probabilities_are_the_ensembles_and_patches_must_match(tmp_path, data):
+    from training.trainer import teacher_probabilities
+
+    x, t = data
+    cfg = TrainConfig(**{**SMALL, "epochs": 1, "tta": "none"})
+    teacher = train_model(x, t, config=cfg, out_dir=tmp_path / "teacher")
+    p = teacher_probabilities(tmp_path / "teacher", x[:10], cfg)
+    z = teacher.raw_logits(x[:10], tta="none")
+    np.testing.assert_allclose(p, 1.0 / (1.0 + np.exp(-z)), rtol=1e-6)
+    other = cfg.replace(patch_mm=24.0)
+    with pytest.raises(InputError, match="teacher .* was trained on patches"):
+        teacher_probabilities(tmp_path / "teacher", x[:10], other)
