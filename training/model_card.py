@@ -24,7 +24,7 @@ probability (`cnn_prob`) and a call (`cnn_call`, probability >= {threshold:.3f})
   fold network; lesion-type head: {types}; {shells}.
 - Ensemble of {n_folds} fold networks (patient-grouped cross-validation), test-time augmentation
   `{tta}` (flips/rotations about B0), temperature scaling (T = {temperature:.3f}, offset
-  {offset:+.3f}) fitted on out-of-fold logits.
+  {offset:+.3f}) fitted on out-of-fold logits.{distilled}
 - Probabilities are for a cohort with {prevalence} of lesions with rims (the training
   data had {train_prevalence}; logit shift {shift:+.3f}); the call threshold is chosen for
   that cohort. Retrain with `--deploy-prevalence` for a cohort with a different share.
@@ -103,7 +103,16 @@ def render_model_card(*, config, metrics: dict, fingerprint: dict, calibration: 
         nll0=_fmt(pooled["nll_uncalibrated"]), nll1=_fmt(pooled["nll_calibrated"]),
         sens=_fmt(pooled["sensitivity"]), spec=_fmt(pooled["specificity"]),
         kappa=_fmt(pooled["kappa"]), fold_rows="\n".join(rows),
-        command=command or "(command not recorded)")
+        command=command or "(command not recorded)", distilled=_distilled(config))
+
+
+def _distilled(config) -> str:
+    if not getattr(config, "teacher", None):
+        return ""
+    return (f"\n- Distilled from `{config.teacher}` (soft-target weight "
+            f"{config.distill_weight:g}): each fold network also learned that ensemble's "
+            "probabilities. The teacher's networks had seen every lesion, validation lesions "
+            "included, so the out-of-fold figures below are optimistic.")
 
 
 def _share(value) -> str:

@@ -236,3 +236,26 @@ def test_jobs_worker_exits_when_its_parent_is_killed(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_train_with_a_teacher_records_it(tmp_path, capsys):
+    x, t = make_synthetic_patches(40, patch_voxels=16, seed=5, n_patients=6, prevalence=0.4)
+    build_patch_cache(tmp_path / "cache", [(x, t)], patch_mm=16.0, patch_voxels=16)
+    cfg = str(_write_config(tmp_path, patch_mm=16.0, patch_voxels=16, epochs=1))
+    common = ["train", "--patches", str(tmp_path / "cache"), "--config", cfg, "--folds", "2",
+              "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "teacher")]) == 0
+    rc = main([*common, "--out", str(tmp_path / "student"), "--teacher",
+               str(tmp_path / "teacher"), "--distill-weight", "0.5"])
+    assert rc == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert saved["teacher"] == str(tmp_path / "teacher") and saved["distill_weight"] == 0.5
+    card = (tmp_path / "student" / "model_card.md").read_text()
+    assert f"Distilled from `{tmp_path / 'teacher'}` (soft-target weight 0.5)" in card
+    # a teacher of other patches is refused before any training
+    rc = main(["train", "--patches", str(tmp_path / "cache"), "--config",
+               str(_write_config(tmp_path, patch_mm=16.0, patch_voxels=16, channels=["qsm",
+                                 "flair", "lesion", "others"], epochs=1, tta="flip")),
+               "--folds", "2", "--no-progress", "--out", str(tmp_path / "s2"),
+               "--teacher", str(tmp_path / "nowhere")])
+    assert rc != 0 and "nowhere" in capsys.readouterr().err
