@@ -12,12 +12,15 @@
 #                            anatomy, head tilt up to 15 deg, FLAIR at 1 x 1 x 3 mm, larger lesions
 #   irregular                the siemens plan with lobulated, irregular lesion outlines
 #                            (boundary noise 0.3-0.5 instead of 0.08-0.22); not run by default
+#   discrete                 the siemens plan with fields from the finite-difference dipole
+#                            kernel, which the inversion does not share (no "inverse crime");
+#                            not run by default
 # Each: qsmrim simulate -> recon -> predict (--qsm, no montages) -> evaluate (--scored-only);
 # the summary of each report is WORK_DIR/<cohort>/report/report.md. About 5-10 min per
 # cohort on 2 cores, mostly reconstruction.
 set -euo pipefail
 work=${1:?usage: heldout_cohorts.sh WORK_DIR [MODEL_DIR] [COHORT ...]}
-known=" siemens philips aniso heldout2 stress stress2 irregular "
+known=" siemens philips aniso heldout2 stress stress2 irregular discrete "
 model=${2:-}
 if [ -n "$model" ] && [ ! -d "$model" ] && [[ $known == *" $model "* ]]; then
   model=""  # a cohort name in the MODEL_DIR slot: the packaged model, cohorts from $2 on
@@ -48,8 +51,10 @@ for c in "${cohorts[@]}"; do
     stress2) opts=(--seed 5151 "${stress[@]}") ;;
     irregular) opts=(--subjects 10 --seed 7777 --scanner siemens --set MS.lesions_mean=16
                      --set MS.style.irregularity_min=0.3 --set MS.style.irregularity_max=0.5) ;;
+    discrete) opts=(--subjects 10 --seed 7777 --scanner siemens --set MS.lesions_mean=16
+                    --forward-kernel discrete) ;;
     *) echo "heldout_cohorts.sh: unknown cohort '$c' (siemens philips aniso heldout2 stress" \
-            "stress2 irregular)" >&2; exit 2 ;;
+            "stress2 irregular discrete)" >&2; exit 2 ;;
   esac
   [ -f "$d/bids/participants.tsv" ] || qsmrim simulate "$d/bids" "${general[@]}" "${opts[@]}"
   qsmrim recon "$d/bids" "$d/qsm" --no-progress

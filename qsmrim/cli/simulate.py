@@ -32,6 +32,11 @@ def add_parser(parser: argparse.ArgumentParser, name: str) -> None:
                         help="white-matter SNR at TE=0 (default: the scanner preset's)")
     parser.add_argument("--max-tilt", type=float, default=5.0,
                         help="maximum head tilt relative to B0 in degrees (default 5)")
+    parser.add_argument("--forward-kernel", default="continuous",
+                        choices=["continuous", "discrete"],
+                        help="dipole kernel of the simulated fields: continuous (default, the "
+                             "kernel qsmrim inverts with) or discrete (finite-difference; "
+                             "data whose forward model the inversion does not share)")
     parser.add_argument("--anatomy", default="mni", choices=["mni", "procedural"],
                         help="head model (default: MNI152 2009 template)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -69,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         else tuple(args.flair_voxel_size),
         workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress,
         tables_only=args.tables_only, report=args.report, source=args.anatomy,
-        snr=args.snr, max_tilt_deg=args.max_tilt, overrides=_overrides(args.overrides),
+        snr=args.snr, max_tilt_deg=args.max_tilt, forward_kernel=args.forward_kernel,
+        overrides=_overrides(args.overrides),
         anatomy_voxel_mm=None if args.anatomy_voxel_size is None
         else tuple(args.anatomy_voxel_size))
     print(f"simulated cohort written to {out}")

@@ -182,8 +182,11 @@ def world_affine(anat: Anatomy, rotation: np.ndarray, scale=(1.0, 1.0, 1.0)) -> 
 
 
 def total_field(anat: Anatomy, affine_world: np.ndarray, *, brain_only: bool = False,
-                workers: int = 1) -> np.ndarray:
+                workers: int = 1, kernel: str = "continuous") -> np.ndarray:
     """Relative field (ppm) of the head's susceptibility through the one forward model.
+
+    ``kernel``: the dipole kernel's discretisation (:func:`qsm_core.dipole.dipole_kernel`);
+    ``discrete`` simulates with a forward model the inversion does not share.
 
     Susceptibility is referenced to air (air = 0) so the zero padding is air too; when the
     brain touches the bottom of the grid (the neck continues) the bottom slices are
@@ -202,7 +205,7 @@ def total_field(anat: Anatomy, affine_world: np.ndarray, *, brain_only: bool = F
         chi = np.where(anat.brain_mask[sl] > 0, anat.chi_ppm[sl], 0.0).astype(np.float32)
         out[sl] = forward_field_ppm(chi, voxel_size_mm=vox, b0_dir=b0,
                                     pad_voxels=[max(8, int(24 / v)) for v in vox],
-                                    workers=workers)
+                                    workers=workers, kernel=kernel)
         return out
     chi = (anat.chi_ppm - np.float32(AIR_CHI_PPM)).astype(np.float32)
     ext = 0
@@ -210,7 +213,8 @@ def total_field(anat: Anatomy, affine_world: np.ndarray, *, brain_only: bool = F
         ext = int(np.ceil(40.0 / vox[2]))
         chi = np.pad(chi, ((0, 0), (0, 0), (ext, 0)), mode="edge")
     f = forward_field_ppm(chi, voxel_size_mm=vox, b0_dir=b0,
-                          pad_voxels=[max(8, int(16 / v)) for v in vox], workers=workers)
+                          pad_voxels=[max(8, int(16 / v)) for v in vox], workers=workers,
+                          kernel=kernel)
     return f[:, :, ext:]
 
 

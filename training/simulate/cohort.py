@@ -23,6 +23,7 @@ import pandas as pd
 import scipy.ndimage as ndi
 import scipy.stats as st
 
+from qsm_core.dipole import DIPOLE_KERNELS
 from qsm_core.errors import InputError
 from training.simulate import acquisition as acq
 from training.simulate.anatomy import base_anatomy, build_anatomy
@@ -234,6 +235,7 @@ def plan_cohort(preset: str | CohortPreset = "seed-study", *, n_subjects: int, s
                 scanner: str = "siemens", voxel_size_mm=(1.0, 1.0, 1.0),
                 source: str = "mni", anatomy_voxel_mm=None, anatomy_shape=None,
                 snr: float | None = None, max_tilt_deg: float = 5.0,
+                forward_kernel: str = "continuous",
                 overrides: dict | None = None) -> CohortPlan:
     """Plan a cohort: subjects, sessions, lesions with ground truth and reader calls.
 
@@ -259,6 +261,10 @@ def plan_cohort(preset: str | CohortPreset = "seed-study", *, n_subjects: int, s
         Overrides the scanner's SNR.
     max_tilt_deg : float
         Head tilt relative to B0 is uniform in [0, max_tilt_deg].
+    forward_kernel : {'continuous', 'discrete'}
+        Dipole kernel of the simulated fields (:func:`qsm_core.dipole.dipole_kernel`).
+        ``continuous`` is the kernel qsmrim's inversion uses; ``discrete`` gives data whose
+        forward model the inversion does not share (no "inverse crime").
     overrides : dict, optional
         Preset overrides (:func:`~training.simulate.presets.get_preset`).
 
@@ -271,6 +277,9 @@ def plan_cohort(preset: str | CohortPreset = "seed-study", *, n_subjects: int, s
         raise InputError(f"n_subjects must be an integer in [1, 10000], got {n_subjects!r}")
     if not 0 <= max_tilt_deg <= 30:
         raise InputError(f"max_tilt_deg must be in [0, 30], got {max_tilt_deg}")
+    if forward_kernel not in DIPOLE_KERNELS:
+        raise InputError(f"forward_kernel must be one of {list(DIPOLE_KERNELS)}, got "
+                         f"{forward_kernel!r}")
     scan = acq.get_scanner(scanner)
     vox = tuple(float(v) for v in np.asarray(voxel_size_mm, float).reshape(-1))
     if len(vox) != 3 or min(vox) <= 0 or max(vox) > 4:
@@ -368,6 +377,7 @@ def plan_cohort(preset: str | CohortPreset = "seed-study", *, n_subjects: int, s
                 "anatomy_shape": None if anatomy_shape is None else list(anatomy_shape),
                 "snr": float(scan.snr if snr is None else snr),
                 "max_tilt_deg": float(max_tilt_deg), "qsm_noise_ppm": sigma,
+                "forward_kernel": forward_kernel,
                 "overrides": dict(overrides or {})}
     return CohortPlan(preset, int(seed), subjects, participants, lesions, settings)
 
@@ -449,8 +459,9 @@ def simulate_scan(plan: CohortPlan, subject: SubjectPlan | int, session: int = 0
     vox = tuple(cfg["voxel_size_mm"])
     fvox = vox if flair_voxel_size_mm is None else tuple(float(v) for v in flair_voxel_size_mm)
     sim_world = acq.world_affine(anat, rot)
-    field = acq.total_field(anat, sim_world, workers=workers)
-    local = acq.total_field(anat, sim_world, brain_only=True, workers=workers)
+    kernel = cfg.get("forward_kernel", "continuous")
+    field = acq.total_field(anat, sim_world, workers=workers, kernel=kernel)
+    local = acq.total_field(anat, sim_world, brain_only=True, workers=workers, kernel=kernel)
     mag, pha = acq.acquire_gre(anat, field, scanner=scan, voxel_size_mm=vox, rng=rng,
                                snr=cfg["snr"], workers=workers)
     out_shape, scale = acq.grid_for(anat.shape, avox, vox)
@@ -490,7 +501,7 @@ def simulate_cohort(out_dir, *, preset="seed-study", n_subjects: int, seed: int 
                     progress: bool = True, tables_only: bool = False, report: bool = False,
                     source: str = "mni", anatomy_voxel_mm=None, anatomy_shape=None,
                     snr: float | None = None, max_tilt_deg: float = 5.0,
-                    overrides: dict | None = None):
+                    forward_kernel: str = "continuous", overrides: dict | None = None):
     """Simulate a cohort and write it as a BIDS dataset (see :mod:`bids_writer`).
 
     Parameters
@@ -498,7 +509,7 @@ def simulate_cohort(out_dir, *, preset="seed-study", n_subjects: int, seed: int 
     out_dir : str or Path
         Dataset root; must not exist or be empty unless ``overwrite``.
     preset, n_subjects, seed, scanner, voxel_size_mm, source, anatomy_voxel_mm, snr,
-    max_tilt_deg, overrides
+    max_tilt_deg, forward_kernel, overrides
         See :func:`plan_cohort`.
     flair_voxel_size_mm : sequence of 3 floats, optional
         FLAIR grid (default: the GRE grid).
@@ -523,7 +534,8 @@ def simulate_cohort(out_dir, *, preset="seed-study", n_subjects: int, seed: int 
     plan = plan_cohort(preset, n_subjects=n_subjects, seed=seed, scanner=scanner,
                        voxel_size_mm=voxel_size_mm, source=source,
                        anatomy_voxel_mm=anatomy_voxel_mm, anatomy_shape=anatomy_shape,
-                       snr=snr, max_tilt_deg=max_tilt_deg, overrides=overrides)
+                       snr=snr, max_tilt_deg=max_tilt_deg, forward_kernel=forward_kernel,
+                       overrides=overrides)
     return write_dataset(out_dir, plan, flair_voxel_size_mm=flair_voxel_size_mm,
                          workers=workers, overwrite=overwrite, progress=progress,
                          tables_only=tables_only, report=report)
