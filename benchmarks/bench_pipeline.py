@@ -23,6 +23,11 @@ Usage::
     python benchmarks/bench_pipeline.py --threads 2     # limit FFT threads / BLAS
     python benchmarks/bench_pipeline.py --device cuda   # the torch path on a GPU
     python benchmarks/bench_pipeline.py --presets siemens --ceilings   # what bg removal costs
+    python benchmarks/bench_pipeline.py --forward-kernel discrete   # no "inverse crime"
+
+``--forward-kernel discrete`` simulates both the data and the reference's true local field
+with the finite-difference dipole kernel (:func:`qsm_core.dipole.dipole_kernel`), which the
+inversion does not share; the default (``continuous``) is the inversion's own kernel.
 """
 
 from __future__ import annotations
@@ -138,7 +143,7 @@ def partial_volume_chi(ph, sigma_voxels: float = PV_SIGMA_VOXELS):
     return np.where(ext, smooth, chi).astype(np.float32)
 
 
-def simulate_gre(ph, affine, vox, te_s, *, snr: float, seed: int):
+def simulate_gre(ph, affine, vox, te_s, *, snr: float, seed: int, kernel: str = "continuous"):
     """Wrapped noisy multi-echo magnitude/phase and the true fields."""
     import qsm_core
     from qsm_core.dipole import forward_field_ppm
@@ -147,7 +152,8 @@ def simulate_gre(ph, affine, vox, te_s, *, snr: float, seed: int):
     t = np.deg2rad(TILT_DEG)
     b0_world = (np.sin(t), 0.0, np.cos(t))
     b0 = b0_dir_from_affine(affine, b0_world)
-    field_ppm = forward_field_ppm(partial_volume_chi(ph), voxel_size_mm=vox, b0_dir=b0)
+    field_ppm = forward_field_ppm(partial_volume_chi(ph), voxel_size_mm=vox, b0_dir=b0,
+                                  kernel=kernel)
     f_hz = field_ppm * qsm_core.ppm_to_hz(FIELD_T)
     shape = f_hz.shape
     grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij", sparse=True)
@@ -248,8 +254,13 @@ def main(argv=None):
                     help="also invert better local fields than the pipeline's (the exact one, "
                          "restorations with the true chi, iterated restoration; several "
                          "minutes): what background removal costs")
+    ap.add_argument("--forward-kernel", choices=("continuous", "discrete"),
+                    default="continuous", help="dipole kernel of the simulated fields")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
+    if args.ceilings and args.forward_kernel != "continuous":
+        ap.error("--ceilings computes its ideal fields with the continuous kernel; run it "
+                 "without --forward-kernel")
     if args.threads:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(args.threads)
@@ -269,7 +280,7 @@ def main(argv=None):
               "snr": args.snr, "method": args.method, "bgremove": args.bgremove,
               "user_mask": args.user_mask, "restore_iter": args.restore_iter,
               "phase_offset": args.phase_offset, "data_weights": args.data_weights,
-              "device": args.device, "presets": {}}
+              "device": args.device, "forward_kernel": args.forward_kernel, "presets": {}}
     truth = ph["chi_ppm"]
     brain = ph["brain_mask"].astype(bool)
 
@@ -280,7 +291,8 @@ def main(argv=None):
     t = np.deg2rad(TILT_DEG)
     b0 = b0_dir_from_affine(affine, (np.sin(t), 0.0, np.cos(t)))
     chi_in = np.where(brain, truth - truth[brain].mean(), 0.0).astype(np.float32)
-    local_true = forward_field_ppm(chi_in, voxel_size_mm=vox, b0_dir=b0)
+    local_true = forward_field_ppm(chi_in, voxel_size_mm=vox, b0_dir=b0,
+                                   kernel=args.forward_kernel)
     t0 = time.perf_counter()
     chi_ref = METHODS[args.method](local_true * brain, brain.astype(np.uint8),
                                    voxel_size_mm=vox, b0_dir=b0)
@@ -292,7 +304,8 @@ def main(argv=None):
 
     for preset in args.presets:
         te = PRESETS[preset]
-        mag, pha, b0_world, _ = simulate_gre(ph, affine, vox, te, snr=args.snr, seed=1)
+        mag, pha, b0_world, _ = simulate_gre(ph, affine, vox, te, snr=args.snr, seed=1,
+                                             kernel=args.forward_kernel)
         marks = []
 
         def mark(name, marks=marks):
