@@ -79,8 +79,9 @@ class TrainConfig:
     teacher : str or None
         Model directory of a trained fold ensemble to distil (knowledge distillation): each
         fold network also learns the teacher's ensemble probability of every training
-        patch, so that one network can stand in for the whole ensemble at a fifth of the
-        inference cost. The teacher must use the same channels and patch geometry.
+        patch, so that one network might stand in for the whole ensemble (on CPU one network
+        costs about half the five-network CNN stage). The teacher must use the same channels
+        and patch geometry.
         ``None`` (default): labels only.
     distill_weight : float
         With a ``teacher``: weight w of the teacher's soft target in the rim loss,
