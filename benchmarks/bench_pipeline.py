@@ -254,7 +254,9 @@ def main(argv=None):
                     help="also invert better local fields than the pipeline's (the exact one, "
                          "restorations with the true chi, iterated restoration; several "
                          "minutes): what background removal costs")
-    ap.add_argument("--forward-kernel", choices=("continuous", "discrete"),
+    from qsm_core.dipole import DIPOLE_KERNELS
+
+    ap.add_argument("--forward-kernel", choices=DIPOLE_KERNELS,
                     default="continuous", help="dipole kernel of the simulated fields")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)

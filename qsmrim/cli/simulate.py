@@ -10,6 +10,7 @@ from qsmrim.cli import add_no_progress
 
 def add_parser(parser: argparse.ArgumentParser, name: str) -> None:
     """Fill the subcommand's parser."""
+    from qsm_core.dipole import DIPOLE_KERNELS
     from training.simulate.acquisition import SCANNERS
     from training.simulate.presets import PRESETS
 
@@ -33,7 +34,7 @@ def add_parser(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--max-tilt", type=float, default=5.0,
                         help="maximum head tilt relative to B0 in degrees (default 5)")
     parser.add_argument("--forward-kernel", default="continuous",
-                        choices=["continuous", "discrete"],
+                        choices=list(DIPOLE_KERNELS),
                         help="dipole kernel of the simulated fields: continuous (default, the "
                              "kernel qsmrim inverts with) or discrete (finite-difference; "
                              "data whose forward model the inversion does not share)")
