@@ -129,7 +129,7 @@ def teacher_probabilities(teacher_dir, patches, config: TrainConfig, *,
                          f"training data are {ours}; distil a teacher of the same patches")
     log.info("distillation: scoring %d patches with the teacher %s", len(patches), teacher_dir)
     z = teacher.raw_logits(patches, tta="none")
-    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+    return calibration.apply_temperature(z, temperature=1.0).astype(np.float32)  # sigmoid
 
 
 def prepare_labels(table: pd.DataFrame, config: TrainConfig, *, n_patches: int
