@@ -15,12 +15,16 @@
 #   discrete                 the siemens plan with fields from the finite-difference dipole
 #                            kernel, which the inversion does not share (no "inverse crime");
 #                            not run by default
+#   lowsnr                   the siemens plan at half the SNR (20 instead of 40); not run by
+#                            default
+#   singleecho               the siemens plan acquired with one echo (TE 20 ms, the
+#                            single-echo preset); not run by default
 # Each: qsmrim simulate -> recon -> predict (--qsm, no montages) -> evaluate (--scored-only);
 # the summary of each report is WORK_DIR/<cohort>/report/report.md. About 5-10 min per
 # cohort on 2 cores, mostly reconstruction.
 set -euo pipefail
 work=${1:?usage: heldout_cohorts.sh WORK_DIR [MODEL_DIR] [COHORT ...]}
-known=" siemens philips aniso heldout2 stress stress2 irregular discrete "
+known=" siemens philips aniso heldout2 stress stress2 irregular discrete lowsnr singleecho "
 model=${2:-}
 if [ -n "$model" ] && [ ! -d "$model" ] && [[ $known == *" $model "* ]]; then
   model=""  # a cohort name in the MODEL_DIR slot: the packaged model, cohorts from $2 on
@@ -53,8 +57,12 @@ for c in "${cohorts[@]}"; do
                      --set MS.style.irregularity_min=0.3 --set MS.style.irregularity_max=0.5) ;;
     discrete) opts=(--subjects 10 --seed 7777 --scanner siemens --set MS.lesions_mean=16
                     --forward-kernel discrete) ;;
+    lowsnr) opts=(--subjects 10 --seed 7777 --scanner siemens --set MS.lesions_mean=16
+                  --snr 20) ;;
+    singleecho) opts=(--subjects 10 --seed 7777 --scanner single-echo
+                      --set MS.lesions_mean=16) ;;
     *) echo "heldout_cohorts.sh: unknown cohort '$c' (siemens philips aniso heldout2 stress" \
-            "stress2 irregular discrete)" >&2; exit 2 ;;
+            "stress2 irregular discrete lowsnr singleecho)" >&2; exit 2 ;;
   esac
   [ -f "$d/bids/participants.tsv" ] || qsmrim simulate "$d/bids" "${general[@]}" "${opts[@]}"
   qsmrim recon "$d/bids" "$d/qsm" --no-progress
