@@ -61,8 +61,7 @@ for c in "${cohorts[@]}"; do
                   --snr 20) ;;
     singleecho) opts=(--subjects 10 --seed 7777 --scanner single-echo
                       --set MS.lesions_mean=16) ;;
-    *) echo "heldout_cohorts.sh: unknown cohort '$c' (siemens philips aniso heldout2 stress" \
-            "stress2 irregular discrete lowsnr singleecho)" >&2; exit 2 ;;
+    *) echo "heldout_cohorts.sh: unknown cohort '$c' (known:${known% })" >&2; exit 2 ;;
   esac
   [ -f "$d/bids/participants.tsv" ] || qsmrim simulate "$d/bids" "${general[@]}" "${opts[@]}"
   qsmrim recon "$d/bids" "$d/qsm" --no-progress
