@@ -41,26 +41,23 @@ cohorts=("$@")
 [ ${#cohorts[@]} -eq 0 ] && cohorts=(siemens philips aniso heldout2 stress stress2)
 mkdir -p "$work"
 general=(--preset general-ms --set MS.sessions_mean=1 --no-progress)
+plan=(--subjects 10 --seed 7777 --set MS.lesions_mean=16)  # the seed-7777 cohort plan
 stress=(--subjects 12 --anatomy procedural --max-tilt 15 --flair-voxel-size 1 1 3
         --set MS.lesions_mean=20 --set MS.style.long_axis_median_mm=8.5)
 for c in "${cohorts[@]}"; do
   d="$work/$c"
   case $c in
-    siemens) opts=(--subjects 10 --seed 7777 --scanner siemens --set MS.lesions_mean=16) ;;
-    philips) opts=(--subjects 10 --seed 7777 --scanner philips --set MS.lesions_mean=16) ;;
-    aniso) opts=(--subjects 10 --seed 7777 --scanner siemens --voxel-size 0.9 0.9 2
-                 --set MS.lesions_mean=16) ;;
+    siemens) opts=("${plan[@]}" --scanner siemens) ;;
+    philips) opts=("${plan[@]}" --scanner philips) ;;
+    aniso) opts=("${plan[@]}" --scanner siemens --voxel-size 0.9 0.9 2) ;;
     heldout2) opts=(--subjects 20 --seed 8888 --scanner siemens --set MS.lesions_mean=16) ;;
     stress) opts=(--seed 4242 "${stress[@]}") ;;
     stress2) opts=(--seed 5151 "${stress[@]}") ;;
-    irregular) opts=(--subjects 10 --seed 7777 --scanner siemens --set MS.lesions_mean=16
-                     --set MS.style.irregularity_min=0.3 --set MS.style.irregularity_max=0.5) ;;
-    discrete) opts=(--subjects 10 --seed 7777 --scanner siemens --set MS.lesions_mean=16
-                    --forward-kernel discrete) ;;
-    lowsnr) opts=(--subjects 10 --seed 7777 --scanner siemens --set MS.lesions_mean=16
-                  --snr 20) ;;
-    singleecho) opts=(--subjects 10 --seed 7777 --scanner single-echo
-                      --set MS.lesions_mean=16) ;;
+    irregular) opts=("${plan[@]}" --scanner siemens --set MS.style.irregularity_min=0.3
+                     --set MS.style.irregularity_max=0.5) ;;
+    discrete) opts=("${plan[@]}" --scanner siemens --forward-kernel discrete) ;;
+    lowsnr) opts=("${plan[@]}" --scanner siemens --snr 20) ;;
+    singleecho) opts=("${plan[@]}" --scanner single-echo) ;;
     *) echo "heldout_cohorts.sh: unknown cohort '$c' (known:${known% })" >&2; exit 2 ;;
   esac
   [ -f "$d/bids/participants.tsv" ] || qsmrim simulate "$d/bids" "${general[@]}" "${opts[@]}"
