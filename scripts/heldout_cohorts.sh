@@ -19,6 +19,9 @@
 #                            default
 #   singleecho               the siemens plan acquired with one echo (TE 20 ms, the
 #                            single-echo preset); not run by default
+# BACKGROUND_BLUR=0 in the environment simulates the cohorts as qsmrim did before 2026-11-22,
+# with point-sampled air edges in the forward model (qsmrim simulate --background-blur): the
+# model card's tables up to session 11 were made that way.
 # Each: qsmrim simulate -> recon -> predict (--qsm, no montages) -> evaluate (--scored-only);
 # the summary of each report is WORK_DIR/<cohort>/report/report.md. About 5-10 min per
 # cohort on 2 cores, mostly reconstruction.
@@ -40,7 +43,8 @@ fi
 cohorts=("$@")
 [ ${#cohorts[@]} -eq 0 ] && cohorts=(siemens philips aniso heldout2 stress stress2)
 mkdir -p "$work"
-general=(--preset general-ms --set MS.sessions_mean=1 --no-progress)
+general=(--preset general-ms --set MS.sessions_mean=1 --no-progress
+         ${BACKGROUND_BLUR:+--background-blur "$BACKGROUND_BLUR"})
 plan=(--subjects 10 --seed 7777 --set MS.lesions_mean=16)  # the seed-7777 cohort plan
 stress=(--subjects 12 --anatomy procedural --max-tilt 15 --flair-voxel-size 1 1 3
         --set MS.lesions_mean=20 --set MS.style.long_axis_median_mm=8.5)

@@ -38,6 +38,11 @@ def add_parser(parser: argparse.ArgumentParser, name: str) -> None:
                         help="dipole kernel of the simulated fields: continuous (default, the "
                              "kernel qsmrim inverts with) or discrete (finite-difference; "
                              "data whose forward model the inversion does not share)")
+    parser.add_argument("--background-blur", type=float, default=None, metavar="VOXELS",
+                        help="partial-volume blur (Gaussian sigma, voxels) of the "
+                             "susceptibility outside the brain in the forward model (default "
+                             "1); 0 = point-sampled air edges, as before 2026-11-22, whose "
+                             "Gibbs ringing reaches into the brain when B0 is tilted")
     parser.add_argument("--anatomy", default="mni", choices=["mni", "procedural"],
                         help="head model (default: MNI152 2009 template)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -68,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     """Simulate and write the dataset; print where it is."""
     from training.simulate.cohort import simulate_cohort
 
+    blur = ({} if args.background_blur is None
+            else {"background_blur_voxels": args.background_blur})
     out = simulate_cohort(
         args.out_dir, preset=args.preset, n_subjects=args.subjects, seed=args.seed,
         scanner=args.scanner, voxel_size_mm=tuple(args.voxel_size),
@@ -76,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress,
         tables_only=args.tables_only, report=args.report, source=args.anatomy,
         snr=args.snr, max_tilt_deg=args.max_tilt, forward_kernel=args.forward_kernel,
-        overrides=_overrides(args.overrides),
+        overrides=_overrides(args.overrides), **blur,
         anatomy_voxel_mm=None if args.anatomy_voxel_size is None
         else tuple(args.anatomy_voxel_size))
     print(f"simulated cohort written to {out}")

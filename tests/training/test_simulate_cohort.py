@@ -296,3 +296,14 @@ def test_forward_kernel_choice_changes_only_the_fine_field():
     np.testing.assert_array_equal(a.chi_ppm, b.chi_ppm)
     with pytest.raises(InputError, match="forward_kernel"):
         plan_cohort("general-ms", forward_kernel="spatial", **kw)
+
+
+def test_background_blur_setting_recorded_and_checked():
+    kw = dict(n_subjects=1, seed=4, source="procedural", anatomy_shape=(48, 48, 48),
+              anatomy_voxel_mm=(1.5, 1.5, 1.5), voxel_size_mm=(1.5, 1.5, 1.5))
+    assert plan_cohort("general-ms", **kw).settings["background_blur_voxels"] == 1.0
+    sharp = plan_cohort("general-ms", background_blur_voxels=0, **kw)
+    assert sharp.settings["background_blur_voxels"] == 0.0
+    for bad in (-0.5, 5.0):
+        with pytest.raises(InputError, match="background_blur_voxels"):
+            plan_cohort("general-ms", background_blur_voxels=bad, **kw)

@@ -236,6 +236,7 @@ def plan_cohort(preset: str | CohortPreset = "seed-study", *, n_subjects: int, s
                 source: str = "mni", anatomy_voxel_mm=None, anatomy_shape=None,
                 snr: float | None = None, max_tilt_deg: float = 5.0,
                 forward_kernel: str = "continuous",
+                background_blur_voxels: float = acq.BACKGROUND_BLUR_VOXELS,
                 overrides: dict | None = None) -> CohortPlan:
     """Plan a cohort: subjects, sessions, lesions with ground truth and reader calls.
 
@@ -265,6 +266,11 @@ def plan_cohort(preset: str | CohortPreset = "seed-study", *, n_subjects: int, s
         Dipole kernel of the simulated fields (:func:`qsm_core.dipole.dipole_kernel`).
         ``continuous`` is the kernel qsmrim's inversion uses; ``discrete`` gives data whose
         forward model the inversion does not share (no "inverse crime").
+    background_blur_voxels : float
+        Partial-volume blur (Gaussian sigma, voxels) of the susceptibility outside the brain
+        in the forward model (:func:`training.simulate.acquisition.blur_outside_brain`);
+        0 = point-sampled air edges, as before 2026-11-22, whose Gibbs ringing reaches into
+        the brain when B0 is tilted.
     overrides : dict, optional
         Preset overrides (:func:`~training.simulate.presets.get_preset`).
 
@@ -280,6 +286,9 @@ def plan_cohort(preset: str | CohortPreset = "seed-study", *, n_subjects: int, s
     if forward_kernel not in DIPOLE_KERNELS:
         raise InputError(f"forward_kernel must be one of {list(DIPOLE_KERNELS)}, got "
                          f"{forward_kernel!r}")
+    if not 0 <= background_blur_voxels <= 4:
+        raise InputError(f"background_blur_voxels must be in [0, 4] voxels, got "
+                         f"{background_blur_voxels!r}")
     scan = acq.get_scanner(scanner)
     vox = tuple(float(v) for v in np.asarray(voxel_size_mm, float).reshape(-1))
     if len(vox) != 3 or min(vox) <= 0 or max(vox) > 4:
@@ -378,6 +387,7 @@ def plan_cohort(preset: str | CohortPreset = "seed-study", *, n_subjects: int, s
                 "snr": float(scan.snr if snr is None else snr),
                 "max_tilt_deg": float(max_tilt_deg), "qsm_noise_ppm": sigma,
                 "forward_kernel": forward_kernel,
+                "background_blur_voxels": float(background_blur_voxels),
                 "overrides": dict(overrides or {})}
     return CohortPlan(preset, int(seed), subjects, participants, lesions, settings)
 
@@ -460,7 +470,9 @@ def simulate_scan(plan: CohortPlan, subject: SubjectPlan | int, session: int = 0
     fvox = vox if flair_voxel_size_mm is None else tuple(float(v) for v in flair_voxel_size_mm)
     sim_world = acq.world_affine(anat, rot)
     kernel = cfg.get("forward_kernel", "continuous")
-    field = acq.total_field(anat, sim_world, workers=workers, kernel=kernel)
+    field = acq.total_field(anat, sim_world, workers=workers, kernel=kernel,
+                            background_blur_voxels=cfg.get("background_blur_voxels",
+                                                           acq.BACKGROUND_BLUR_VOXELS))
     local = acq.total_field(anat, sim_world, brain_only=True, workers=workers, kernel=kernel)
     mag, pha = acq.acquire_gre(anat, field, scanner=scan, voxel_size_mm=vox, rng=rng,
                                snr=cfg["snr"], workers=workers)
@@ -501,7 +513,9 @@ def simulate_cohort(out_dir, *, preset="seed-study", n_subjects: int, seed: int 
                     progress: bool = True, tables_only: bool = False, report: bool = False,
                     source: str = "mni", anatomy_voxel_mm=None, anatomy_shape=None,
                     snr: float | None = None, max_tilt_deg: float = 5.0,
-                    forward_kernel: str = "continuous", overrides: dict | None = None):
+                    forward_kernel: str = "continuous",
+                    background_blur_voxels: float = acq.BACKGROUND_BLUR_VOXELS,
+                    overrides: dict | None = None):
     """Simulate a cohort and write it as a BIDS dataset (see :mod:`bids_writer`).
 
     Parameters
@@ -509,7 +523,7 @@ def simulate_cohort(out_dir, *, preset="seed-study", n_subjects: int, seed: int 
     out_dir : str or Path
         Dataset root; must not exist or be empty unless ``overwrite``.
     preset, n_subjects, seed, scanner, voxel_size_mm, source, anatomy_voxel_mm, snr,
-    max_tilt_deg, forward_kernel, overrides
+    max_tilt_deg, forward_kernel, background_blur_voxels, overrides
         See :func:`plan_cohort`.
     flair_voxel_size_mm : sequence of 3 floats, optional
         FLAIR grid (default: the GRE grid).
@@ -535,7 +549,7 @@ def simulate_cohort(out_dir, *, preset="seed-study", n_subjects: int, seed: int 
                        voxel_size_mm=voxel_size_mm, source=source,
                        anatomy_voxel_mm=anatomy_voxel_mm, anatomy_shape=anatomy_shape,
                        snr=snr, max_tilt_deg=max_tilt_deg, forward_kernel=forward_kernel,
-                       overrides=overrides)
+                       background_blur_voxels=background_blur_voxels, overrides=overrides)
     return write_dataset(out_dir, plan, flair_voxel_size_mm=flair_voxel_size_mm,
                          workers=workers, overwrite=overwrite, progress=progress,
                          tables_only=tables_only, report=report)
