@@ -117,7 +117,7 @@ def build_phantom(*, quick: bool, seed: int = 0):
     return ph, affine, vox
 
 
-def partial_volume_chi(ph, sigma_voxels: float = PV_SIGMA_VOXELS):
+def partial_volume_chi(ph, sigma_voxels: float = PV_SIGMA_VOXELS, *, model: str = "exterior"):
     """chi with the head's exterior tissues (air, cavities, skull, scalp) smoothed.
 
     A point-sampled +9.4 ppm air edge rings (Gibbs) through the k-space forward model into
@@ -127,14 +127,21 @@ def partial_volume_chi(ph, sigma_voxels: float = PV_SIGMA_VOXELS):
     air, cavities, skull and scalp by ``sigma_voxels`` (brain and CSF keep their sharp
     chi, which is also the ground truth) stands for that partial-volume averaging; it cuts
     the non-harmonic residual ~13-fold.
+
+    ``model="outside-brain"`` blurs everything outside the brain mask instead (CSF around it
+    and the venous sinuses too), as ``qsmrim simulate`` does since 2026-11-22
+    (:func:`training.simulate.acquisition.blur_outside_brain`).
     """
     from scipy import ndimage
 
+    from training.simulate.acquisition import blur_outside_brain
     from training.simulate.anatomy import LABEL_IDS
 
     chi = ph["chi_ppm"].astype(np.float32)
     if sigma_voxels <= 0:
         return chi
+    if model == "outside-brain":
+        return blur_outside_brain(chi, ph["brain_mask"], sigma_voxels=sigma_voxels)
     ext = np.isin(ph["labels"], [LABEL_IDS[k] for k in ("air", "air_cavity", "skull",
                                                          "scalp")])
     ext &= ~ph["brain_mask"].astype(bool)
@@ -143,7 +150,8 @@ def partial_volume_chi(ph, sigma_voxels: float = PV_SIGMA_VOXELS):
     return np.where(ext, smooth, chi).astype(np.float32)
 
 
-def simulate_gre(ph, affine, vox, te_s, *, snr: float, seed: int, kernel: str = "continuous"):
+def simulate_gre(ph, affine, vox, te_s, *, snr: float, seed: int, kernel: str = "continuous",
+                 background: str = "exterior"):
     """Wrapped noisy multi-echo magnitude/phase and the true fields."""
     import qsm_core
     from qsm_core.dipole import forward_field_ppm
@@ -152,8 +160,8 @@ def simulate_gre(ph, affine, vox, te_s, *, snr: float, seed: int, kernel: str = 
     t = np.deg2rad(TILT_DEG)
     b0_world = (np.sin(t), 0.0, np.cos(t))
     b0 = b0_dir_from_affine(affine, b0_world)
-    field_ppm = forward_field_ppm(partial_volume_chi(ph), voxel_size_mm=vox, b0_dir=b0,
-                                  kernel=kernel)
+    field_ppm = forward_field_ppm(partial_volume_chi(ph, model=background), voxel_size_mm=vox,
+                                  b0_dir=b0, kernel=kernel)
     f_hz = field_ppm * qsm_core.ppm_to_hz(FIELD_T)
     shape = f_hz.shape
     grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij", sparse=True)
@@ -258,6 +266,11 @@ def main(argv=None):
 
     ap.add_argument("--forward-kernel", choices=DIPOLE_KERNELS,
                     default="continuous", help="dipole kernel of the simulated fields")
+    ap.add_argument("--background-blur", choices=("exterior", "outside-brain"),
+                    default="exterior",
+                    help="what the partial-volume blur covers: air, cavities, skull and scalp "
+                         "(default, the figures recorded up to session 11) or everything "
+                         "outside the brain mask (qsmrim simulate since 2026-11-22)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     if args.ceilings and args.forward_kernel != "continuous":
@@ -282,7 +295,8 @@ def main(argv=None):
               "snr": args.snr, "method": args.method, "bgremove": args.bgremove,
               "user_mask": args.user_mask, "restore_iter": args.restore_iter,
               "phase_offset": args.phase_offset, "data_weights": args.data_weights,
-              "device": args.device, "forward_kernel": args.forward_kernel, "presets": {}}
+              "device": args.device, "forward_kernel": args.forward_kernel,
+              "background_blur": args.background_blur, "presets": {}}
     truth = ph["chi_ppm"]
     brain = ph["brain_mask"].astype(bool)
 
@@ -307,7 +321,8 @@ def main(argv=None):
     for preset in args.presets:
         te = PRESETS[preset]
         mag, pha, b0_world, _ = simulate_gre(ph, affine, vox, te, snr=args.snr, seed=1,
-                                             kernel=args.forward_kernel)
+                                             kernel=args.forward_kernel,
+                                             background=args.background_blur)
         marks = []
 
         def mark(name, marks=marks):

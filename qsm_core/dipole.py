@@ -83,16 +83,26 @@ def dipole_kernel(shape, *, voxel_size_mm, b0_dir, real_fft: bool = True,
         raise InputError(f"dipole kernel kind must be one of {DIPOLE_KERNELS}, got {kind!r}")
     v = _check_voxel_size(voxel_size_mm)
     b = _check_b0(b0_dir)
-    k0 = np.fft.fftfreq(shape[0], d=v[0])
-    k1 = np.fft.fftfreq(shape[1], d=v[1])
-    k2 = np.fft.rfftfreq(shape[2], d=v[2]) if real_fft else np.fft.fftfreq(shape[2], d=v[2])
+    ks = [np.fft.fftfreq(shape[0], d=v[0]), np.fft.fftfreq(shape[1], d=v[1]),
+          np.fft.rfftfreq(shape[2], d=v[2]) if real_fft else np.fft.fftfreq(shape[2], d=v[2])]
     if kind == "discrete":  # finite-difference wavenumbers (any common scale cancels)
-        k0, k1, k2 = (2.0 * np.sin(np.pi * k * d) / d for k, d in zip((k0, k1, k2), v))
-    k0, k1, k2 = np.meshgrid(k0, k1, k2, indexing="ij", sparse=True)
-    kb = k0 * b[0] + k1 * b[1] + k2 * b[2]
-    k2sum = k0**2 + k1**2 + k2**2
+        ks = [2.0 * np.sin(np.pi * k * d) / d for k, d in zip(ks, v)]
+    # The Nyquist sample of an even axis stands for +k and -k at once (numpy calls it -k,
+    # rfftfreq +k). The cross terms k_i k_j b_i b_j of (k . b)^2 are odd in k_i there, so
+    # they take the average over both signs, zero: the kernel is then Hermitian (a real
+    # operator) and does not depend on which axis is stored last.
+    nyq = [np.arange(k.size) == n // 2 if n % 2 == 0 else np.zeros(k.size, bool)
+           for k, n in zip(ks, shape)]
+    grid = np.meshgrid(*ks, indexing="ij", sparse=True)
+    odd = np.meshgrid(*[np.where(q, 0.0, k) for k, q in zip(ks, nyq)], indexing="ij",
+                      sparse=True)
+    kb2 = (odd[0] * b[0] + odd[1] * b[1] + odd[2] * b[2]) ** 2
+    for g, q, bi in zip(grid, nyq, b):
+        if q.any():
+            kb2 = kb2 + np.where(q.reshape(g.shape), g * bi, 0.0) ** 2
+    k2sum = grid[0] ** 2 + grid[1] ** 2 + grid[2] ** 2
     with np.errstate(invalid="ignore", divide="ignore"):
-        d = 1.0 / 3.0 - kb**2 / k2sum
+        d = 1.0 / 3.0 - kb2 / k2sum
     d[0, 0, 0] = 0.0
     return d.astype(dtype, copy=False)
 
