@@ -2,9 +2,12 @@
 
 Every lesion gets a cube of ``patch_mm`` millimetres (default 32 mm) centred on its centroid,
 resampled to ``patch_voxels`` voxels a side (default 32, i.e. 1 mm spacing), whatever the voxel
-size of the scan (anisotropic voxels such as 0.9x0.9x2 mm are fine). The cube's axes are the
-array axes of the input volumes (no rotation to world space), so patch axis 2 is the slice axis
-of an axially acquired scan. Images are resampled trilinearly, masks by nearest neighbour.
+size of the scan (anisotropic voxels such as 0.9x0.9x2 mm are fine). The cube is cut along the
+array axes of the input volumes (no interpolation to world space); given the volumes' affine,
+its axes are then put in RAS order (:func:`patch_axes`: the array axis closest to world x
+first, flipped to run left to right, and so on), so that patch axis 2 runs inferior to
+superior whether a scan is stored axially, sagittally or coronally, as in the (axial)
+training scans. Images are resampled trilinearly, masks by nearest neighbour.
 Outside the volume, images repeat their nearest edge value ("edge padding") while masks are 0
 (nothing is known to be lesion there).
 
@@ -62,6 +65,8 @@ __all__ = [
     "lesion_centroids_vox",
     "patch_coordinates",
     "snap_centres",
+    "patch_axes",
+    "to_ras_axes",
     "snappable_axes",
     "extract_patches",
     "build_patch_cache",
@@ -451,6 +456,57 @@ def _extract_on_grid(prepared: dict, labels: np.ndarray, ids: np.ndarray, cents:
                               others_channel=masks.get("others"))
 
 
+def patch_axes(affine) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """Which array axis lies closest to each world axis (R, A, S), and whether it runs back.
+
+    Parameters
+    ----------
+    affine : ndarray, shape (4, 4)
+        Voxel-to-world affine of the volumes.
+
+    Returns
+    -------
+    axes : tuple of 3 ints
+        ``axes[w]``: the array axis closest to world axis ``w``.
+    flips : tuple of 3 bools
+        ``flips[w]``: that array axis runs towards lower ``w`` (left, posterior, inferior).
+
+    Examples
+    --------
+    Sagittal slices stored as (A, S, L):
+
+    >>> patch_axes(np.array([[0, 0, -1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1.]]))
+    ((2, 0, 1), (True, False, False))
+    """
+    from nibabel.orientations import io_orientation
+
+    aff = np.asarray(affine, dtype=float)
+    if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
+        raise InputError(f"an affine must be a finite 4x4 matrix, got shape {aff.shape}")
+    ornt = io_orientation(aff)  # row = array axis: (world axis, +1 or -1)
+    if np.isnan(ornt).any():
+        raise InputError("the affine is degenerate (a zero or repeated axis); fix the "
+                         "image header")
+    axes = tuple(int(np.flatnonzero(ornt[:, 0] == w)[0]) for w in range(3))
+    return axes, tuple(bool(ornt[a, 1] < 0) for a in axes)
+
+
+def to_ras_axes(patches: np.ndarray, affine) -> np.ndarray:
+    """Patches (N, C, P, P, P) cut along the array axes, with their axes in RAS order.
+
+    Returns ``patches`` itself when the volumes are stored RAS already (the simulator's and
+    most axial scans' case), else a C-contiguous reordered copy (:func:`patch_axes`).
+    """
+    axes, flips = patch_axes(affine)
+    if axes == (0, 1, 2) and not any(flips):
+        return patches
+    out = np.transpose(patches, (0, 1, *(2 + a for a in axes)))
+    flip_dims = tuple(2 + w for w in range(3) if flips[w])
+    if flip_dims:
+        out = np.flip(out, axis=flip_dims)
+    return np.ascontiguousarray(out)
+
+
 def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
                     lesion_ids: Sequence[int] | None = None, *, voxel_size_mm,
                     patch_mm: float = PATCH_MM, patch_voxels: int = PATCH_VOXELS,
@@ -458,7 +514,7 @@ def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
                     centroids_vox: np.ndarray | None = None,
                     brain_mask: np.ndarray | None = None,
                     flair_ref: float | None = None, swi_ref: float | None = None,
-                    snap_to_voxels: bool = False) -> np.ndarray:
+                    snap_to_voxels: bool = False, affine=None) -> np.ndarray:
     """Cut a fixed physical-size, normalised multi-channel patch around each lesion.
 
     Parameters
@@ -490,6 +546,10 @@ def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
         spacing allows (:func:`snap_centres`): crops instead of interpolated patches. A
         model must be given patches cut the way its training patches were (its
         ``config["snap_to_voxels"]``).
+    affine : ndarray, shape (4, 4), optional
+        The volumes' voxel-to-world affine: the patches' axes are then put in RAS order
+        (:func:`to_ras_axes`), whatever the storage order of the scan. None keeps the array
+        axes.
 
     Returns
     -------
@@ -590,7 +650,7 @@ def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
     if bad_ch:
         raise InputError(f"{bad_ch} volume(s) have NaN/Inf voxels near the lesions; fix or "
                          "mask them first")
-    return out
+    return out if affine is None else to_ras_axes(out, affine)
 
 
 def _npy_header(shape, dtype) -> bytes:

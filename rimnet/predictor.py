@@ -616,7 +616,7 @@ class Predictor:
         patches = extract_patches(images, labels, ids, voxel_size_mm=vs, patch_mm=self.patch_mm,
                                   patch_voxels=self.patch_voxels, channels=self.channels,
                                   centroids_vox=cents, flair_ref=flair_ref,
-                                  snap_to_voxels=self.snap_to_voxels)
+                                  snap_to_voxels=self.snap_to_voxels, affine=aff)
         t["patches"] = time.perf_counter() - t1
         return ScanResult(table=table, labels=labels, affine=aff, images=images,
                           timings_s=t), patches

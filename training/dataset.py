@@ -106,7 +106,7 @@ def iter_scan_patches(bids_dir, *, qsm_dir, lesions_dir, labels: pd.DataFrame,
         patches = extract_patches(images, lab, keep["lesion_id"].astype(int).tolist(),
                                   voxel_size_mm=voxel_sizes_mm(aff), patch_mm=patch_mm,
                                   patch_voxels=patch_voxels, channels=channels, flair_ref=ref,
-                                  snap_to_voxels=snap_to_voxels)
+                                  snap_to_voxels=snap_to_voxels, affine=aff)
         yield patches, keep.reset_index(drop=True)
     if n_missing:
         log.warning("%d annotated lesions are absent from their lesion maps (or below the "

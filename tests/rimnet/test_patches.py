@@ -1,6 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 
 from qsm_core.errors import InputError
 from rimnet.patches import (
@@ -11,6 +12,7 @@ from rimnet.patches import (
     lesion_centroids_vox,
     load_patch_cache,
     load_patch_caches,
+    patch_axes,
     patch_coordinates,
     snap_centres,
 )
@@ -67,6 +69,37 @@ def test_mask_channels_and_physical_size_with_anisotropic_voxels():
     assert np.isclose(p[0, 1][les > 0].max(), 2.5)
     # patch of lesion 5 marks lesion 3 as "others"
     assert p[1, 3].sum() > p[1, 2].sum()
+
+
+def test_patches_come_out_in_ras_order_however_the_scan_is_stored(rng):
+    """A sagittal-stored, flipped copy of a scan gives the same patches as the axial one."""
+    shape = (40, 44, 36)
+    chi = ndimage.gaussian_filter(rng.standard_normal(shape), 2).astype(np.float32)
+    flair = (1.0 + ndimage.gaussian_filter(rng.random(shape), 1)).astype(np.float32)
+    labels = np.zeros(shape, np.int32)
+    labels[_ball(shape, (18.3, 22.6, 15.1), 4)] = 3
+    labels[_ball(shape, (27.0, 12.0, 20.0), 3)] = 5
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    aff[:3, 3] = [-20.0, -22.0, -18.0]
+    perm, flip = (2, 0, 1), 1  # stored as (S, L, A): R reversed
+    def stored(a):
+        return np.ascontiguousarray(np.flip(np.transpose(a, perm), axis=flip))
+    aff2 = aff.copy()
+    aff2[:3, :3] = aff[:3, list(perm)]
+    aff2[:3, 3] += aff2[:3, flip] * (shape[perm[flip]] - 1)
+    aff2[:3, flip] *= -1
+    assert patch_axes(aff2) == ((1, 2, 0), (True, False, False))
+    kw = dict(voxel_size_mm=(1, 1, 1), patch_mm=15.0, patch_voxels=15,
+              channels=("qsm", "flair", "lesion", "others"))
+    ref = extract_patches({"qsm": chi, "flair": flair}, labels, [3, 5], affine=aff, **kw)
+    np.testing.assert_array_equal(ref, extract_patches({"qsm": chi, "flair": flair}, labels,
+                                                       [3, 5], **kw))  # RAS: unchanged
+    raw = extract_patches({"qsm": stored(chi), "flair": stored(flair)}, stored(labels),
+                          [3, 5], **kw)
+    new = extract_patches({"qsm": stored(chi), "flair": stored(flair)}, stored(labels),
+                          [3, 5], affine=aff2, **kw)
+    assert np.abs(raw - ref).max() > 0.5  # in storage order the patches differ
+    np.testing.assert_allclose(new, ref, atol=1e-5)
 
 
 def test_edge_lesion_uses_edge_padding():
