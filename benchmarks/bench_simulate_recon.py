@@ -42,12 +42,6 @@ def lesion_contrasts(chi_true, chi_rec, rec_mask, labels, rim_mask, rows):
     return out
 
 
-def nrmse(est, truth, mask) -> float:
-    """Relative RMS error of ``est`` against ``truth`` on ``mask``, both demeaned there."""
-    e, t = est[mask] - est[mask].mean(), truth[mask] - truth[mask].mean()
-    return float(np.linalg.norm(e - t) / np.linalg.norm(t))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,6 +74,8 @@ def main() -> None:
 
 def one_scan(plan, subj, args, *, label: str) -> list[dict]:
     """Simulate and reconstruct the first session of ``subj``; print and return contrasts."""
+    from bench_pipeline import nrmse  # benchmarks/ is on sys.path when run as a script
+
     from qsm_core import ppm_to_hz
     from qsm_core.pipeline import reconstruct
     from training.simulate.cohort import simulate_scan
