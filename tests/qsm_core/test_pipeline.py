@@ -11,6 +11,7 @@ from qsm_core.geometry import b0_dir_from_affine
 from qsm_core.inversion import tkd
 from qsm_core.mask import erode_ball
 from qsm_core.pipeline import STAGES, ReconResult, reconstruct
+from tests.orientation import stored_as
 
 TE = (7.2e-3, 13.4e-3, 19.6e-3, 25.8e-3)
 VOX = 2.0
@@ -123,16 +124,6 @@ def test_single_echo_and_tilted_b0(rng):
     assert abs(diff - 0.08) < 0.03
 
 
-def _stored_as(arr, affine, perm, flip_axis):
-    """The same image stored with its axes in order ``perm`` and one axis reversed."""
-    a = np.flip(np.transpose(arr, perm + tuple(range(3, arr.ndim))), axis=flip_axis)
-    aff = affine.copy()
-    aff[:3, :3] = affine[:3, list(perm)]
-    aff[:3, 3] += aff[:3, flip_axis] * (a.shape[flip_axis] - 1)
-    aff[:3, flip_axis] *= -1
-    return np.ascontiguousarray(a), aff
-
-
 def test_storage_orientation_does_not_change_chi(rng):
     """A sagittal-stored (axes permuted, one reversed) copy of a tilted scan gives the same chi.
 
@@ -141,8 +132,8 @@ def test_storage_orientation_does_not_change_chi(rng):
     """
     ph = _phantom(rng, b0_world=(np.sin(0.15), 0.05, np.cos(0.15)))
     perm, flip = (2, 0, 1), 1
-    mag, aff = _stored_as(ph["mag"], ph["affine"], perm, flip)
-    pha, _ = _stored_as(ph["phase"], ph["affine"], perm, flip)
+    mag, aff = stored_as(ph["mag"], ph["affine"], perm, flip)
+    pha, _ = stored_as(ph["phase"], ph["affine"], perm, flip)
     i = np.array([5, 11, 17])  # a voxel of the original, and where the copy stores it
     j = i[list(perm)]
     j[flip] = mag.shape[flip] - 1 - j[flip]

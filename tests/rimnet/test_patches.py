@@ -16,6 +16,7 @@ from rimnet.patches import (
     patch_coordinates,
     snap_centres,
 )
+from tests.orientation import stored_as
 
 
 def _ball(shape, centre, radius_vox):
@@ -83,11 +84,8 @@ def test_patches_come_out_in_ras_order_however_the_scan_is_stored(rng):
     aff[:3, 3] = [-20.0, -22.0, -18.0]
     perm, flip = (2, 0, 1), 1  # stored as (S, L, A): R reversed
     def stored(a):
-        return np.ascontiguousarray(np.flip(np.transpose(a, perm), axis=flip))
-    aff2 = aff.copy()
-    aff2[:3, :3] = aff[:3, list(perm)]
-    aff2[:3, 3] += aff2[:3, flip] * (shape[perm[flip]] - 1)
-    aff2[:3, flip] *= -1
+        return stored_as(a, aff, perm, flip)[0]
+    aff2 = stored_as(labels, aff, perm, flip)[1]
     assert patch_axes(aff2) == ((1, 2, 0), (True, False, False))
     kw = dict(voxel_size_mm=(1, 1, 1), patch_mm=15.0, patch_voxels=15,
               channels=("qsm", "flair", "lesion", "others"))
