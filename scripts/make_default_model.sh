@@ -18,6 +18,7 @@
 # the forward model point-sampled the air edges (docs/simulator.md, "Background field and
 # head tilt"), so this script passes --background-blur 0 unless BACKGROUND_BLUR is set in the
 # environment (BACKGROUND_BLUR=1: the corrected simulator, qsmrim's default).
+# SIM_WORKERS (default 2) is the number of simulator processes; the scans do not depend on it.
 set -euo pipefail
 work=${1:?usage: make_default_model.sh WORK_DIR [MODEL_DIR]}
 model=${2:-rimnet/default_model}
@@ -25,7 +26,7 @@ mkdir -p "$work"
 common=(--preset ms-only --scanner siemens --set MS.lesions_mean=24
         --set MS.lesions_sd=5 --set MS.sessions_mean=1 --set MS.lesion_prl_fraction=0.3
         --set MS.patient_prl_fraction=0.9 --background-blur "${BACKGROUND_BLUR:-0}"
-        --no-progress)
+        --workers "${SIM_WORKERS:-2}" --no-progress)
 qsmrim simulate "$work/cohort1/bids" "${common[@]}" --subjects 75 --seed 101
 qsmrim simulate "$work/cohort2/bids" "${common[@]}" --subjects 75 --seed 202 --set MS.style.prl_size_bias=0
 qsmrim simulate "$work/c4/bids" "${common[@]}" --subjects 60 --seed 404 --anatomy procedural \
