@@ -36,7 +36,7 @@ from scipy import ndimage
 
 from qsm_core.errors import InputError
 
-__all__ = ["get_backend", "row_spans", "NumpyBackend", "TorchBackend", "DEVICES"]
+__all__ = ["get_backend", "resolve_workers", "row_spans", "NumpyBackend", "TorchBackend", "DEVICES"]
 
 DEVICES = ("cpu", "torch-cpu", "cuda")
 
@@ -95,22 +95,40 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def resolve_workers(workers: int = -1) -> int:
+    """Number of threads for ``workers``: -1 all the CPUs this process may use, -2 one fewer...
+
+    Unlike ``scipy.fft``'s own reading of a negative count (``os.cpu_count()``), this counts
+    the CPUs of the process's affinity mask, so a process pinned to some cores (``taskset``,
+    a batch scheduler, ``qsmrim recon --jobs``) does not start more threads than it has cores.
+
+    Examples
+    --------
+    >>> resolve_workers(3)
+    3
+    >>> resolve_workers(-1) == _cpu_count()
+    True
+    """
+    workers = int(workers)
+    return max(1, _cpu_count() + 1 + workers if workers < 0 else workers)
+
+
 class NumpyBackend:
     """numpy/scipy backend: float32 arrays, ``scipy.fft``, fused numba kernels.
 
     Parameters
     ----------
     workers : int
-        FFT workers (-1: all cores); the kernels use as many threads (:attr:`threads`,
-        capped by numba's pool, ``NUMBA_NUM_THREADS``).
+        FFT workers (-1: all the cores this process may use, :func:`resolve_workers`); the
+        kernels use as many threads (:attr:`threads`, capped by numba's pool,
+        ``NUMBA_NUM_THREADS``).
     """
 
     name = "numpy"
 
     def __init__(self, workers: int = -1):
-        self.workers = workers
-        ncpu = _cpu_count()
-        self.threads = max(1, ncpu + 1 + workers if workers < 0 else workers)
+        self.threads = resolve_workers(workers)
+        self.workers = self.threads  # FFT threads, as many as the kernels'
 
     # -- creation and transfer -------------------------------------------------------
     def asarray(self, a) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 import scipy.fft
 from scipy import ndimage
 
+from qsm_core.backend import resolve_workers
 from qsm_core.dipole import _check_voxel_size
 from qsm_core.errors import InputError
 
@@ -48,14 +49,14 @@ def homodyne_highpass(phase_rad, magnitude, *, voxel_size_mm, sigma_mm: float = 
     """
     v = _check_voxel_size(voxel_size_mm)
     z = np.asarray(magnitude, np.float32) * np.exp(1j * np.asarray(phase_rad, np.float32))
-    spec = scipy.fft.fftn(z.astype(np.complex64), workers=workers)
+    spec = scipy.fft.fftn(z.astype(np.complex64), workers=resolve_workers(workers))
     for axis, n in enumerate(z.shape):
         k = np.fft.fftfreq(n, d=v[axis])
         g = np.exp(-2.0 * (np.pi * sigma_mm * k) ** 2).astype(np.float32)
         sh = [1, 1, 1]
         sh[axis] = n
         spec *= g.reshape(sh)
-    low = scipy.fft.ifftn(spec, workers=workers)
+    low = scipy.fft.ifftn(spec, workers=resolve_workers(workers))
     return np.angle(z * np.conj(low)).astype(np.float32)
 
 

@@ -22,6 +22,8 @@
 # BACKGROUND_BLUR=0 in the environment simulates the cohorts as qsmrim did before 2026-11-22,
 # with point-sampled air edges in the forward model (qsmrim simulate --background-blur): the
 # model card's tables up to session 11 were made that way.
+# SIM_WORKERS (default 2): simulator processes (the scans do not depend on it); RECON_JOBS
+# (default 2): scans reconstructed at once (qsmrim recon --jobs).
 # Each: qsmrim simulate -> recon -> predict (--qsm, no montages) -> evaluate (--scored-only);
 # the summary of each report is WORK_DIR/<cohort>/report/report.md. About 5-10 min per
 # cohort on 2 cores, mostly reconstruction.
@@ -43,7 +45,7 @@ fi
 cohorts=("$@")
 [ ${#cohorts[@]} -eq 0 ] && cohorts=(siemens philips aniso heldout2 stress stress2)
 mkdir -p "$work"
-general=(--preset general-ms --set MS.sessions_mean=1 --no-progress
+general=(--preset general-ms --set MS.sessions_mean=1 --workers "${SIM_WORKERS:-2}" --no-progress
          ${BACKGROUND_BLUR:+--background-blur "$BACKGROUND_BLUR"})
 plan=(--subjects 10 --seed 7777 --set MS.lesions_mean=16)  # the seed-7777 cohort plan
 stress=(--subjects 12 --anatomy procedural --max-tilt 15 --flair-voxel-size 1 1 3
@@ -65,7 +67,7 @@ for c in "${cohorts[@]}"; do
     *) echo "heldout_cohorts.sh: unknown cohort '$c' (known:${known% })" >&2; exit 2 ;;
   esac
   [ -f "$d/bids/participants.tsv" ] || qsmrim simulate "$d/bids" "${general[@]}" "${opts[@]}"
-  qsmrim recon "$d/bids" "$d/qsm" --no-progress
+  qsmrim recon "$d/bids" "$d/qsm" --jobs "${RECON_JOBS:-2}" --no-progress
   qsmrim predict "$d/bids" "$d/pred" --lesions "$d/bids/derivatives/lesions" --qsm "$d/qsm" \
     --no-review --no-progress ${model:+--model "$model"}
   qsmrim evaluate --participants "$d/bids/participants.tsv" \

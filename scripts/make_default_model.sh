@@ -18,7 +18,9 @@
 # the forward model point-sampled the air edges (docs/simulator.md, "Background field and
 # head tilt"), so this script passes --background-blur 0 unless BACKGROUND_BLUR is set in the
 # environment (BACKGROUND_BLUR=1: the corrected simulator, qsmrim's default).
-# SIM_WORKERS (default 2) is the number of simulator processes; the scans do not depend on it.
+# SIM_WORKERS (default 2) is the number of simulator processes, RECON_JOBS (default 2) the
+# number of scans reconstructed at once (qsmrim recon --jobs); neither changes the data beyond
+# float rounding (the simulator's scans are identical; recon's differ in the last bits).
 set -euo pipefail
 work=${1:?usage: make_default_model.sh WORK_DIR [MODEL_DIR]}
 model=${2:-rimnet/default_model}
@@ -32,7 +34,7 @@ qsmrim simulate "$work/cohort2/bids" "${common[@]}" --subjects 75 --seed 202 --s
 qsmrim simulate "$work/c4/bids" "${common[@]}" --subjects 60 --seed 404 --anatomy procedural \
   --max-tilt 20 --flair-voxel-size 1 1 3 --set MS.style.long_axis_median_mm=8
 for c in cohort1 cohort2 c4; do
-  qsmrim recon "$work/$c/bids" "$work/$c/qsm"
+  qsmrim recon "$work/$c/bids" "$work/$c/qsm" --jobs "${RECON_JOBS:-2}" --no-progress
   qsmrim extract "$work/$c/bids" "$work/$c/patches" --qsm "$work/$c/qsm" \
     --lesions "$work/$c/bids/derivatives/lesions" \
     --labels "$work/$c/bids/derivatives/lesions/lesions.tsv"

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.fft
 
-from qsm_core.backend import get_backend
+from qsm_core.backend import get_backend, resolve_workers
 from qsm_core.errors import InputError
 from qsm_core.inversion._common import Grid, finish, hermitian_scale, prepare
 from qsm_core.inversion.ilsqr_ops import ConeGradientOp as _ConeGradientOp
@@ -164,7 +164,7 @@ def _sphere_spectrum(shape, voxel_size_mm, radius_mm: float) -> np.ndarray:
     x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
     ball = (x * x + y * y + z * z <= radius_mm * radius_mm).astype(np.float32)
     ball /= ball.sum()
-    return scipy.fft.rfftn(ball, workers=-1).real.astype(np.float32)
+    return scipy.fft.rfftn(ball, workers=resolve_workers(-1)).real.astype(np.float32)
 
 
 def _fast_qsm(bk, grid: Grid, spec_f, d: np.ndarray) -> np.ndarray:

@@ -12,7 +12,8 @@ Explicit files (no BIDS layout needed)::
     qsmrim recon --magnitude M1 M2 ... --phase P1 P2 ... --echo-times T1 T2 ...
                  --field-strength 3 --out OUT_DIR [--participant-label L] [...same options]
 
-Scans are processed one at a time under a progress bar. A failing scan is reported,
+Scans are processed one at a time under a progress bar, or ``--jobs N`` at a time in N
+worker processes that share the CPUs out between them. A failing scan is reported,
 listed in ``OUT_DIR/qsmrim_failures.tsv`` and skipped; the others finish. A scan whose
 Chimap already exists is skipped (resume) unless ``--overwrite``. Exit status: 0 all
 done, 2 some scan had bad input (and nothing worse), 1 some scan failed otherwise.
@@ -22,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from qsm_core.errors import InputError, QSMRimError
@@ -90,6 +93,11 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "recon") -> None:
                           "scan (e.g. an earlier qsmrim output)")
     alg.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                      help="compute device (default: cpu)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="scans reconstructed at the same time, in N worker processes that "
+                             "split the CPUs between them (default 1: one scan at a time on "
+                             "all of them); each needs its own memory (about 2-3 GB for a 1 mm "
+                             "head). BIDS mode and --device cpu only")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute scans whose Chimap exists (default: skip them)")
     add_no_progress(parser)
@@ -160,6 +168,13 @@ def _check_options(args, scans) -> None:
         raise InputError(f"{args.mask_dir}: no such folder; check --mask-dir")
     if args.field_strength is not None and not 0.1 <= args.field_strength <= 21:
         raise InputError(f"--field-strength {args.field_strength}: give B0 in tesla (e.g. 3)")
+    if args.jobs < 1:
+        raise InputError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs > 1 and args.device != "cpu":
+        raise InputError(f"--jobs {args.jobs} runs scans side by side on the CPU; on a GPU "
+                         "give --jobs 1")
+    if args.jobs > 1 and (args.magnitude is not None or args.phase is not None):
+        raise InputError("--jobs is for BIDS datasets; explicit files are one scan")
     if args.device == "cuda":
         import torch
 
@@ -238,62 +253,143 @@ def run(args) -> int:
         return _run_scans(args, scans, out_dir, bids_dir, run_params, tqdm)
 
 
-def _run_scans(args, scans, out_dir, bids_dir, run_params, tqdm) -> int:
-    from qsm_core.io.derivatives import (
-        derivative_path,
-        write_dataset_description,
-        write_recon_outputs,
-    )
+def _process_scan(args, scan, out_dir, bids_dir, run_params, report) -> dict | None:
+    """Reconstruct and write one scan; ``None`` on success, else the failure record.
 
-    explicit = bids_dir is None
+    Bad input (:class:`QSMRimError`) and unexpected errors become a record so that the other
+    scans go on; explicit-files mode (one scan) raises instead.
+    """
+    from qsm_core.io.derivatives import write_dataset_description, write_recon_outputs
+
+    t0 = time.perf_counter()
+    try:
+        report("load")
+        result, mask_path = _reconstruct(args, scan, report)
+        report("write")
+        extra = {"device": args.device}
+        if mask_path is not None:
+            extra["mask_file"] = str(Path(mask_path).resolve())
+        write_dataset_description(out_dir, parameters=run_params, source_dataset=bids_dir,
+                                  overwrite=args.overwrite)
+        write_recon_outputs(out_dir, scan, result, extra_parameters=extra)
+        logger.info("%s: done in %.1f s", scan.name, time.perf_counter() - t0)
+        return None
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        if bids_dir is None:
+            raise
+        bad_input = isinstance(exc, QSMRimError)
+        return {"scan": scan.name, "participant_id": scan.participant_id,
+                "session_id": scan.session_id or "n/a", "error_type": type(exc).__name__,
+                "message": str(exc), "bad_input": bad_input,
+                "traceback": None if bad_input else traceback.format_exc()}
+    finally:
+        scan.release()
+
+
+def _report_failure(failure: dict, tqdm) -> None:
+    if failure["traceback"]:
+        logger.error("%s: reconstruction failed\n%s", failure["scan"], failure["traceback"])
+    tqdm.write(f"qsmrim recon: {failure['scan']} failed: {failure['message']}",
+               file=sys.stderr)
+
+
+def _run_here(args, scans, out_dir, bids_dir, run_params, bar):
+    """Scans one after the other in this process; yields each one's failure record or None."""
+    for scan in scans:
+        def report(stage, _name=scan.name):
+            bar.set_postfix_str(f"{_name}: {stage}", refresh=True)
+
+        yield _process_scan(args, scan, out_dir, bids_dir, run_params, report)
+        bar.update()
+
+
+def _cpu_groups(n_groups: int) -> list[list[int]]:
+    """The CPUs this process may use, dealt out into ``n_groups`` disjoint groups."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux: no pinning
+        return [[] for _ in range(n_groups)]
+    return [cpus[i::n_groups] or [cpus[i % len(cpus)]] for i in range(n_groups)]
+
+
+def _init_worker(groups, counter, log_level) -> None:
+    """Pin this worker to its own group of CPUs (so it runs as many threads as it has)."""
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    group = groups[index % len(groups)]
+    if group:
+        os.sched_setaffinity(0, group)
+
+
+def _worker_scan(args, scan, out_dir, bids_dir, run_params):
+    return scan.name, _process_scan(args, scan, out_dir, bids_dir, run_params,
+                                    lambda stage: None)
+
+
+def _run_in_workers(args, scans, out_dir, bids_dir, run_params, bar):
+    """Scans in ``args.jobs`` spawned worker processes, each pinned to its share of the CPUs.
+
+    Yields each scan's failure record (or None) as it finishes; the bar shows the last one.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    n_jobs = min(args.jobs, len(scans))
+    # the options without the parser's own entries (the subcommand module does not pickle)
+    args = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
+    ctx = multiprocessing.get_context("spawn")  # no forked numba/OpenMP thread pools
+    counter = ctx.Value("i", 0)
+    logger.info("reconstructing %d scans in %d processes", len(scans), n_jobs)
+    pool = ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx, initializer=_init_worker,
+                               initargs=(_cpu_groups(n_jobs), counter,
+                                         logging.getLogger().getEffectiveLevel()))
+    try:
+        futures = [pool.submit(_worker_scan, args, scan, out_dir, bids_dir, run_params)
+                   for scan in scans]
+        for fut in as_completed(futures):
+            name, failure = fut.result()
+            bar.set_postfix_str(f"{name}: {'failed' if failure else 'done'}", refresh=True)
+            bar.update()
+            yield failure
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_scans(args, scans, out_dir, bids_dir, run_params, tqdm) -> int:
+    from qsm_core.io.derivatives import derivative_path
+
     failures: list[dict] = []
-    done = skipped = 0
-    bar = tqdm(scans, desc="qsmrim recon", unit="scan", file=sys.stderr,
-               disable=args.no_progress)
-    for scan in bar:
+    todo = []
+    for scan in scans:
         chimap = derivative_path(out_dir, scan.participant_id, scan.session_id, "Chimap",
                                  entities=scan.entities)
         if chimap.is_file() and not args.overwrite:
             logger.info("%s: %s exists; skipped (use --overwrite to recompute)", scan.name,
                         chimap)
-            skipped += 1
-            continue
-
-        def report(stage, _name=scan.name):
-            bar.set_postfix_str(f"{_name}: {stage}", refresh=True)
-
-        t0 = time.perf_counter()
-        try:
-            report("load")
-            result, mask_path = _reconstruct(args, scan, report)
-            report("write")
-            extra = {"device": args.device}
-            if mask_path is not None:
-                extra["mask_file"] = str(Path(mask_path).resolve())
-            write_dataset_description(out_dir, parameters=run_params, source_dataset=bids_dir,
-                                      overwrite=args.overwrite)
-            write_recon_outputs(out_dir, scan, result, extra_parameters=extra)
-            done += 1
-            logger.info("%s: done in %.1f s", scan.name, time.perf_counter() - t0)
-        except (KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as exc:
-            if explicit:
-                raise
-            bad_input = isinstance(exc, QSMRimError)
-            if not bad_input:
-                logger.exception("%s: reconstruction failed", scan.name)
-            failures.append({"scan": scan.name, "participant_id": scan.participant_id,
-                             "session_id": scan.session_id or "n/a",
-                             "error_type": type(exc).__name__, "message": str(exc),
-                             "bad_input": bad_input})
-            tqdm.write(f"qsmrim recon: {scan.name} failed: {exc}", file=sys.stderr)
-        finally:
-            scan.release()
+        else:
+            todo.append(scan)
+    skipped = len(scans) - len(todo)
+    bar = tqdm(total=len(scans), initial=skipped, desc="qsmrim recon", unit="scan",
+               file=sys.stderr, disable=args.no_progress)
+    if args.jobs > 1 and len(todo) > 1:
+        run_one = _run_in_workers(args, todo, out_dir, bids_dir, run_params, bar)
+    else:
+        run_one = _run_here(args, todo, out_dir, bids_dir, run_params, bar)
+    for failure in run_one:
+        if failure is not None:
+            failures.append(failure)
+            _report_failure(failure, tqdm)
+    done = len(todo) - len(failures)
     bar.close()
+    order = {scan.name: i for i, scan in enumerate(todo)}
+    failures.sort(key=lambda f: order[f["scan"]])  # workers finish in any order
 
     fail_path = None
-    if not explicit and (failures or out_dir.is_dir()):
+    if bids_dir is not None and (failures or out_dir.is_dir()):
         fail_path = _write_failures(out_dir, failures)
     print(f"qsmrim recon: {done} scan(s) reconstructed, {skipped} skipped (already done), "
           f"{len(failures)} failed; outputs in {out_dir}", file=sys.stderr)

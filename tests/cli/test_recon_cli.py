@@ -229,6 +229,60 @@ def test_mask_needs_a_single_scan(tmp_path, rng, monkeypatch, capsys):
     assert len(rows) == 2 and "sub-01_desc-brain_mask.nii.gz: no such mask" in rows[1]
 
 
+def test_jobs_give_the_same_maps_and_isolate_failures(tmp_path, capsys):
+    """--jobs 2 (two pinned worker processes, real pipeline) against one process."""
+    te = (0.010, 0.020)
+    raw = tmp_path / "raw"
+    for i, sub in enumerate(("01", "02", "03")):
+        ph = head_phantom(shape=(40, 40, 40), te_s=te, noise=0.01,
+                          rng=np.random.default_rng(i))
+        write_megre(raw, sub, None, magnitude=ph["magnitude"], phase=ph["phase_rad"], te_s=te)
+    bad = [next(raw.rglob(f"sub-02_echo-1_part-{p}_MEGRE.json")) for p in ("mag", "phase")]
+    good_meta = [b.read_text() for b in bad]
+    for b in bad:
+        b.write_text(json.dumps({"MagneticFieldStrength": 3, "Units": "rad"}))  # no EchoTime
+
+    assert main(["recon", str(raw), str(tmp_path / "one"), "--no-progress"]) == 2
+    capsys.readouterr()
+    assert main(["recon", str(raw), str(tmp_path / "two"), "--jobs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "2 scan(s) reconstructed, 0 skipped (already done), 1 failed" in err
+    assert "sub-02 failed: " in err and "EchoTime" in err
+    for out in ("one", "two"):
+        rows = (tmp_path / out / "qsmrim_failures.tsv").read_text().splitlines()
+        assert len(rows) == 2 and rows[1].startswith("sub-02\tsub-02\tn/a\tInputError\t")
+    for sub in ("01", "03"):
+        one, two = (_load(find_derivative(tmp_path / out, sub, None, "Chimap"))
+                    for out in ("one", "two"))
+        mask = _load(find_derivative(tmp_path / "one", sub, None, "mask")) > 0
+        assert np.array_equal(mask, _load(find_derivative(tmp_path / "two", sub, None, "mask"))
+                              > 0)
+        # one thread per worker against two: only the summation order of the kernels differs
+        assert np.abs(two - one).max() <= 1e-5 * np.abs(one).max()
+    assert not (tmp_path / "two" / "sub-02").exists()
+    # resume in workers: only the mended scan runs
+    for b, text in zip(bad, good_meta):
+        b.write_text(text)
+    assert main(["recon", str(raw), str(tmp_path / "two"), "--jobs", "2"]) == 0
+    assert "1 scan(s) reconstructed, 2 skipped" in capsys.readouterr().err
+    assert not (tmp_path / "two" / "qsmrim_failures.tsv").exists()
+
+
+def test_jobs_options_are_checked(tmp_path, rng, capsys):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    _cohort(raw, rng, subs=("01",))
+    assert main(["recon", str(raw), str(out), "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
+    assert main(["recon", str(raw), str(out), "--jobs", "2", "--device", "cuda"]) == 2
+    assert "give --jobs 1" in capsys.readouterr().err
+    mag = next(raw.rglob("*part-mag_MEGRE.nii.gz"))
+    pha = next(raw.rglob("*part-phase_MEGRE.nii.gz"))
+    assert main(["recon", "--magnitude", str(mag), "--phase", str(pha), "--echo-times", "0.005",
+                 "--field-strength", "3", "--out", str(out), "--jobs", "2"]) == 2
+    assert "--jobs is for BIDS datasets" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_cuda_without_a_gpu_is_refused(tmp_path, rng, capsys):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():

@@ -5,6 +5,8 @@ Odd shapes, box views of padded arrays (strided, contiguous rows), 1 to 5 parall
 planes of the spectrum sweep.
 """
 
+import os
+
 import numpy as np
 import pytest
 
@@ -264,3 +266,20 @@ def test_threads_and_forked_children_can_launch_kernels():
     assert got == [want] * 200
     with mp.get_context("fork").Pool(2) as pool:
         assert pool.map(_child_dot, range(2)) == [want] * 2
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_thread_counts_follow_the_cpu_affinity():
+    """A process pinned to one core runs one FFT worker and one kernel thread."""
+    from qsm_core.backend import NumpyBackend, resolve_workers
+
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        be = NumpyBackend()
+        assert (be.workers, be.threads) == (1, 1)
+        assert resolve_workers(-1) == 1 and resolve_workers(3) == 3
+    finally:
+        os.sched_setaffinity(0, before)
+    assert NumpyBackend().workers == len(before)
+    assert NumpyBackend(-2).workers == max(1, len(before) - 1)
