@@ -32,7 +32,11 @@ from qsm_core.errors import InputError
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of one demo run."""
+    """Sizes of one demo run.
+
+    ``workers`` is the number of simulator processes, and of scans that ``recon``
+    reconstructs at once on the CPU (``--jobs``).
+    """
 
     train_subjects: int
     test_subjects: int
@@ -70,6 +74,8 @@ def _steps(out: Path, plan: DemoPlan, *, seed: int, device: str) -> list[tuple[s
                   "--set", f"MS.sessions_mean={plan.sessions_mean}",
                   "--set", f"NMOSD.sessions_mean={plan.sessions_mean}",
                   "--workers", str(plan.workers), "--no-progress"]
+    # on the CPU, scans side by side (the pipeline's preprocessing is mostly one thread)
+    recon_jobs = ["--jobs", str(plan.workers)] if device == "cpu" else []
     predictions = [str(test / "predictions" / "predictions.tsv")]
     scorers = ["cnn", "rule"]
     default_step = []
@@ -90,9 +96,9 @@ def _steps(out: Path, plan: DemoPlan, *, seed: int, device: str) -> list[tuple[s
          ["simulate", str(test / "bids"), "--subjects", str(plan.test_subjects),
           "--seed", str(seed + 1000), *common_sim]),
         ("reconstruct QSM (training cohort)",
-         ["recon", str(train / "bids"), str(train / "qsm"), "--device", device]),
+         ["recon", str(train / "bids"), str(train / "qsm"), "--device", device, *recon_jobs]),
         ("reconstruct QSM (test cohort)",
-         ["recon", str(test / "bids"), str(test / "qsm"), "--device", device]),
+         ["recon", str(test / "bids"), str(test / "qsm"), "--device", device, *recon_jobs]),
         ("train the rim CNN",
          ["train", str(train / "bids"), "--qsm", str(train / "qsm"),
           "--lesions", str(train / "bids" / "derivatives" / "lesions"),

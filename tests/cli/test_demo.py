@@ -16,6 +16,10 @@ def test_demo_runs_the_documented_commands_in_order(tmp_path, monkeypatch):
     i = evaluate.index("--scorers")
     assert evaluate[i + 1:i + 4] == ["cnn", "rule", "default_model_cnn"]
     assert str(tmp_path / "test" / "default_model" / "predictions.tsv") in evaluate
+    # recon runs the plan's number of scans at once on the CPU, one at a time on a GPU
+    assert steps[2][1][-2:] == ["--jobs", str(demo.QUICK.workers)]
+    gpu = demo._steps(tmp_path, demo.QUICK, seed=3, device="cuda")
+    assert "--jobs" not in gpu[2][1] and gpu[2][1][-2:] == ["--device", "cuda"]
 
 
 def test_demo_resumes_from_step_markers(tmp_path, monkeypatch, capsys):
