@@ -14,6 +14,11 @@ Stages (design.md section 4), each a plain function of its own module:
 
 The B0 direction in voxel axes and the voxel sizes come from the affine
 (:mod:`qsm_core.geometry`). Phase convention: ``phase = phi0 + phase_sign 2 pi f TE``.
+
+Every scan is processed with its axes in the order and direction closest to RAS
+(:func:`qsm_core.geometry.closest_ras`, a lossless permutation and flip) and the outputs
+are returned on the stored grid, so the result does not depend on how a file stores its
+axes (iLSQR's gradient weights use one-sided differences, which would).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import qsm_core
 from qsm_core.background import BGREMOVE_METHODS, HIGHPASS_METHODS, restore_harmonic
 from qsm_core.echo_fit import check_echo_inputs, fit_frequency
 from qsm_core.errors import InputError
-from qsm_core.geometry import b0_dir_from_affine, voxel_sizes_mm
+from qsm_core.geometry import b0_dir_from_affine, closest_ras, voxel_sizes_mm
 from qsm_core.inversion.weights import noise_weights
 from qsm_core.mask import brain_mask, dilate_ball
 from qsm_core.swi import swi
@@ -116,6 +121,10 @@ class ReconResult:
     timings_s: dict = field(default_factory=dict)
 
 
+RESULT_ARRAYS = ("chi_ppm", "mask", "local_field_hz", "total_field_hz", "brain_mask", "swi",
+                 "mip")
+
+
 def _inversion_methods():
     from qsm_core.inversion import METHODS
 
@@ -195,12 +204,50 @@ def reconstruct(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
     Returns
     -------
     ReconResult
+        Arrays on the grid of the inputs. The stages ran on the same voxels with the axes
+        closest to R, A, S (``parameters["orientation"]``); the voxel-axis parameters
+        (``voxel_size_mm``, ``b0_dir_voxel``, the mIP axis) refer to the inputs' axes.
 
     Raises
     ------
     InputError
         Shape mismatch, TE count or order, NaN/Inf, empty mask, unknown method...
     """
+    shape = np.shape(phase_rad)
+    options = dict(method=method, bgremove=bgremove, phase_sign=phase_sign, b0_world=b0_world,
+                   device=device, progress=progress, mask_options=mask_options,
+                   bgremove_options=bgremove_options, inversion_options=inversion_options,
+                   fit_options=fit_options, data_weights=data_weights,
+                   restore_iter=restore_iter, unwrap_dilate_mm=unwrap_dilate_mm,
+                   field_strength_t=field_strength_t)
+    consistent = (len(shape) in (3, 4) and np.shape(magnitude) == shape
+                  and (mask is None or np.shape(mask) == shape[:3])
+                  and np.shape(affine) == (4, 4))
+    if not consistent:  # let the checks report the problem in the caller's terms
+        return _reconstruct_on_grid(magnitude, phase_rad, te_s, affine=affine, mask=mask,
+                                    **options)
+    reo = closest_ras(affine, shape)
+    res = _reconstruct_on_grid(reo.to_ras(magnitude), reo.to_ras(phase_rad), te_s,
+                               affine=reo.ras_affine(affine),
+                               mask=None if mask is None else reo.to_ras(mask), **options)
+    params = res.parameters
+    params["orientation"] = {"stored": reo.stored_axcodes, "processed": "RAS"}
+    if reo.is_identity:
+        return res
+    # the voxel-axis parameters of the stored grid, as the caller sees it
+    params["voxel_size_mm"] = [float(v) for v in voxel_sizes_mm(affine)]
+    params["b0_dir_voxel"] = [float(v) for v in b0_dir_from_affine(affine, b0_world)]
+    params["swi"]["mip_axis"] = reo.stored_axis(params["swi"]["mip_axis"])
+    return ReconResult(**{k: reo.from_ras(getattr(res, k)) for k in RESULT_ARRAYS},
+                       parameters=params, timings_s=res.timings_s)
+
+
+def _reconstruct_on_grid(magnitude, phase_rad, te_s, *, affine, field_strength_t: float,
+                         method: str, bgremove: str, mask, phase_sign: int, b0_world,
+                         device: str, progress, mask_options, bgremove_options,
+                         inversion_options, fit_options, data_weights: str, restore_iter: int,
+                         unwrap_dilate_mm: float) -> ReconResult:
+    """:func:`reconstruct` on the grid the arrays are given on (no reorientation)."""
     timings: dict[str, float] = {}
     phase, mag, te = check_echo_inputs(phase_rad, magnitude, te_s)
     shape = phase.shape[:3]

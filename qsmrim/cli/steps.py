@@ -243,7 +243,7 @@ def _bgremove(args) -> int:
 
 def _invert(args) -> int:
     from qsm_core import ppm_to_hz
-    from qsm_core.geometry import b0_dir_from_affine, voxel_sizes_mm
+    from qsm_core.geometry import b0_dir_from_affine, closest_ras, voxel_sizes_mm
     from qsm_core.inversion import METHODS
     from qsm_core.io.derivatives import write_image_with_sidecar
     from qsm_core.io.nifti import load_nifti
@@ -296,10 +296,17 @@ def _invert(args) -> int:
         opts["weights"] = wmap
         params["weights"] = "noise" if args.noise is not None else "user"
         sources.append(str(wpath.resolve()))
-    chi = METHODS[args.method](local_ppm, mask, voxel_size_mm=voxel_sizes_mm(affine),
-                               b0_dir=b0_dir_from_affine(affine), device=args.device, **opts)
-    chi = np.where(mask, np.asarray(chi), 0).astype(np.float32)
+    # on the grid closest to RAS, as `recon` does: the result does not depend on how the
+    # file stores its axes (iLSQR's one-sided differences would)
+    reo = closest_ras(affine, local_ppm.shape)
+    opts = {k: reo.to_ras(v) for k, v in opts.items()}
+    ras = reo.ras_affine(affine)
+    chi = METHODS[args.method](reo.to_ras(local_ppm), reo.to_ras(mask),
+                               voxel_size_mm=voxel_sizes_mm(ras), b0_dir=b0_dir_from_affine(ras),
+                               device=args.device, **opts)
+    chi = np.where(mask, reo.from_ras(np.asarray(chi)), 0).astype(np.float32)
     params["device"] = args.device
+    params["orientation"] = {"stored": reo.stored_axcodes, "processed": "RAS"}
     write_image_with_sidecar(args.out, chi, affine, units="ppm", parameters=params,
                              sources=sources,
                              description="Magnetic susceptibility (chi) in ppm, positive = "

@@ -11,6 +11,7 @@ from qsm_core.background import BGREMOVE_METHODS
 from qsm_core.geometry import affine_from_rotation, b0_dir_from_affine, voxel_sizes_mm
 from qsm_core.inversion import METHODS
 from qsmrim.cli.main import main
+from tests.orientation import stored_as
 from tests.qsm_core.bids_synth import head_phantom, save
 
 
@@ -111,6 +112,30 @@ def test_invert_matches_the_api_on_an_oblique_affine(tmp_path, units):
     assert side["Units"] == "ppm"
     params = side["GeneratedBy"][0]["Parameters"]
     assert params["method"] == "tkd" and params["field_units"] == units
+
+
+def test_invert_does_not_depend_on_how_the_axes_are_stored(tmp_path):
+    """iLSQR of a copy stored (S, R, A) with one axis reversed: the same chi, voxel by voxel."""
+    ph = head_phantom(shape=(40, 36, 32))
+    perm, flip = (2, 0, 1), 1
+    chis = []
+    for name, p, f in (("ras", (0, 1, 2), None), ("other", perm, flip)):
+        if f is None:
+            field, affine, brain = ph["field_hz"], ph["affine"], ph["brain"]
+        else:
+            field, affine = stored_as(ph["field_hz"], ph["affine"], p, f)
+            brain, _ = stored_as(ph["brain"], ph["affine"], p, f)
+        loc = save(tmp_path / f"{name}_local.nii.gz", field, affine)
+        m = save(tmp_path / f"{name}_brain.nii.gz", brain.astype(np.uint8), affine,
+                 dtype=np.uint8)
+        out = tmp_path / f"{name}_chi.nii.gz"
+        assert main(["invert", str(loc), str(m), str(out), "--field-strength", "3"]) == 0
+        chis.append(_load(out)[0])
+        side = json.loads((tmp_path / f"{name}_chi.json").read_text())
+        orientation = side["GeneratedBy"][0]["Parameters"]["orientation"]
+    assert orientation == {"stored": "SLA", "processed": "RAS"}
+    back = np.flip(chis[1], axis=flip).transpose(np.argsort(perm))
+    np.testing.assert_allclose(back, chis[0], atol=1e-6 * np.abs(chis[0]).max())
 
 
 def test_unwrap_noise_map_and_noise_weighted_invert(tmp_path, rng):
