@@ -27,6 +27,7 @@ import os
 import sys
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from qsm_core.errors import InputError, QSMRimError
@@ -330,13 +331,15 @@ def _worker_scan(args, scan, out_dir, bids_dir, run_params):
                                     lambda stage: None)
 
 
+
 def _run_in_workers(args, scans, out_dir, bids_dir, run_params, bar):
     """Scans in ``args.jobs`` spawned worker processes, each pinned to its share of the CPUs.
 
     Yields each scan's failure record (or None) as it finishes; the bar shows the last one.
     """
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     n_jobs = min(args.jobs, len(scans))
     # the options without the parser's own entries (the subcommand module does not pickle)
@@ -348,11 +351,23 @@ def _run_in_workers(args, scans, out_dir, bids_dir, run_params, bar):
                                initargs=(_cpu_groups(n_jobs), counter,
                                          logging.getLogger().getEffectiveLevel()))
     try:
-        futures = [pool.submit(_worker_scan, args, scan, out_dir, bids_dir, run_params)
-                   for scan in scans]
+        futures = {pool.submit(_worker_scan, args, scan, out_dir, bids_dir, run_params): scan
+                   for scan in scans}
         for fut in as_completed(futures):
-            name, failure = fut.result()
-            bar.set_postfix_str(f"{name}: {'failed' if failure else 'done'}", refresh=True)
+            scan = futures[fut]
+            try:
+                _, failure = fut.result()
+            except BrokenProcessPool:  # a worker was killed (out of memory?): the pool is gone
+                failure = {"scan": scan.name, "participant_id": scan.participant_id,
+                           "session_id": scan.session_id or "n/a",
+                           "error_type": "WorkerDied",
+                           "message": f"a recon worker process died before {scan.name} "
+                                      "finished (killed, or out of memory: each of the "
+                                      f"{n_jobs} workers holds one scan); rerun with fewer "
+                                      "--jobs, finished scans are skipped",
+                           "bad_input": False, "traceback": None}
+            bar.set_postfix_str(f"{scan.name}: {'failed' if failure else 'done'}",
+                                refresh=True)
             bar.update()
             yield failure
     finally:

@@ -268,6 +268,50 @@ def test_jobs_give_the_same_maps_and_isolate_failures(tmp_path, capsys):
     assert not (tmp_path / "two" / "qsmrim_failures.tsv").exists()
 
 
+class _PoolWithADeadWorker:
+    """Stands in for ProcessPoolExecutor: the first scan runs here, then the pool breaks."""
+
+    def __init__(self, **kwargs):
+        self.n = 0
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
+        fut = Future()
+        self.n += 1
+        if self.n == 1:
+            fut.set_result(fn(*args))
+        else:
+            fut.set_exception(BrokenProcessPool("A process in the process pool was terminated"))
+        return fut
+
+    def shutdown(self, **kwargs):
+        pass
+
+
+def test_a_dead_worker_is_recorded_and_the_rerun_finishes(tmp_path, rng, monkeypatch, capsys):
+    from qsmrim.cli import recon
+
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    _cohort(raw, rng)
+    monkeypatch.setitem(sys.modules, "qsm_core.pipeline", FakePipeline().module())
+    monkeypatch.setattr(recon, "ProcessPoolExecutor", _PoolWithADeadWorker)
+    assert main(["recon", str(raw), str(out), "--jobs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "1 scan(s) reconstructed, 0 skipped (already done), 2 failed" in err
+    assert "rerun with fewer --jobs" in err
+    rows = (out / "qsmrim_failures.tsv").read_text().splitlines()
+    assert [r.split("\t")[:4] for r in rows[1:]] == [
+        ["sub-02", "sub-02", "n/a", "WorkerDied"],
+        ["sub-03_ses-1", "sub-03", "ses-1", "WorkerDied"]]
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "qsm_core.pipeline", FakePipeline().module())
+    assert main(["recon", str(raw), str(out), "--jobs", "1"]) == 0
+    assert "2 scan(s) reconstructed, 1 skipped" in capsys.readouterr().err
+    assert not (out / "qsmrim_failures.tsv").exists()
+
+
 def test_jobs_options_are_checked(tmp_path, rng, capsys):
     raw, out = tmp_path / "raw", tmp_path / "out"
     _cohort(raw, rng, subs=("01",))
