@@ -180,9 +180,10 @@ def closest_ras(affine, shape) -> Reorientation:
 
     aff = np.asarray(affine, float)
     if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
-        raise InputError(f"expected a finite 4x4 affine, got shape {aff.shape}")
-    ornt = io_orientation(aff)
+        raise InputError(f"an affine must be a finite 4x4 matrix, got shape {aff.shape}")
+    ornt = io_orientation(aff)  # row = stored axis: (RAS axis, +1 or -1)
     if np.isnan(ornt).any():
-        raise InputError("the affine has a degenerate (zero) axis; check the NIfTI header")
+        raise InputError("the affine is degenerate (a zero or repeated axis); fix the "
+                         "image header")
     return Reorientation(ornt=ornt.astype(int), stored_shape=tuple(int(n) for n in shape[:3]),
                          stored_axcodes="".join(ornt2axcodes(ornt)))

@@ -49,6 +49,7 @@ import pandas as pd
 from scipy import ndimage
 
 from qsm_core.errors import InputError
+from qsm_core.geometry import closest_ras
 from qsm_core.io.atomic import atomic_path, write_json
 
 __all__ = [
@@ -478,17 +479,9 @@ def patch_axes(affine) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
     >>> patch_axes(np.array([[0, 0, -1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1.]]))
     ((2, 0, 1), (True, False, False))
     """
-    from nibabel.orientations import io_orientation
-
-    aff = np.asarray(affine, dtype=float)
-    if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
-        raise InputError(f"an affine must be a finite 4x4 matrix, got shape {aff.shape}")
-    ornt = io_orientation(aff)  # row = array axis: (world axis, +1 or -1)
-    if np.isnan(ornt).any():
-        raise InputError("the affine is degenerate (a zero or repeated axis); fix the "
-                         "image header")
-    axes = tuple(int(np.flatnonzero(ornt[:, 0] == w)[0]) for w in range(3))
-    return axes, tuple(bool(ornt[a, 1] < 0) for a in axes)
+    reo = closest_ras(affine, (1, 1, 1))  # the array axes' world axes, shape-independent
+    axes = tuple(reo.stored_axis(w) for w in range(3))
+    return axes, tuple(bool(reo.ornt[a, 1] < 0) for a in axes)
 
 
 def to_ras_axes(patches: np.ndarray, affine) -> np.ndarray:
