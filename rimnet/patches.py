@@ -373,13 +373,12 @@ def worker_threads() -> int:
     cores this process may run on. Results never depend on it: lesions are split into
     independent groups.
     """
+    from qsm_core.backend import resolve_workers
+
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    try:
-        return max(len(os.sched_getaffinity(0)), 1)
-    except AttributeError:  # pragma: no cover - not on Linux
-        return max(os.cpu_count() or 1, 1)
+    return resolve_workers(-1)
 
 
 def map_threads(fn, items: list, *, min_items: int = 2) -> list:
