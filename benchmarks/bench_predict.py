@@ -20,7 +20,8 @@
 Usage::
 
     python benchmarks/bench_predict.py [--threads 2] [--scans 8] [--repeats 3]
-        [--model DIR] [--tta none|flip|d4|d4z] [--folds K] [--no-cnn] [--patch-voxels P]
+        [--model DIR] [--tta none|flip|d4|d4z] [--folds K] [--precision fp32|bf16]
+        [--no-cnn] [--patch-voxels P]
         [--bids DIR --lesions DIR [--qsm DIR [--batch]]] [--participant-label 001]
 
 3. Optional (``--batch`` with ``--qsm``): the whole batch (:func:`rimnet.predictor.run_batch`:
@@ -99,7 +100,7 @@ def write_synthetic_dataset(root: Path, rng, *, n_scans: int) -> tuple[Path, Pat
     return root / "bids", root / "les", root / "qsm", total
 
 
-def default_like_model(patch_voxels: int, *, tta=None, n_folds=None):
+def default_like_model(patch_voxels: int, *, tta=None, n_folds=None, precision="fp32"):
     from rimnet.model import RimCNN
     from rimnet.network import build_network
     from training.config import TrainConfig
@@ -111,7 +112,8 @@ def default_like_model(patch_voxels: int, *, tta=None, n_folds=None):
     k = n_folds or cfg.n_folds
     nets = [build_network(in_channels=len(cfg.channels), arch=cfg.arch,
                           channels=tuple(cfg.net_channels)) for _ in range(k)]
-    return RimCNN(nets, config=config), f"untrained {cfg.arch} x{k} folds, tta={config['tta']}"
+    what = f"untrained {cfg.arch} x{k} folds, tta={config['tta']}"
+    return RimCNN(nets, config=config, precision=precision), what
 
 
 def load_avg() -> str:
@@ -246,6 +248,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tta", choices=("none", "flip", "d4", "d4z"),
                     help="test-time augmentation (default: the model's)")
     ap.add_argument("--folds", type=int, help="number of fold networks to use")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="CNN arithmetic (qsmrim predict --precision)")
     ap.add_argument("--patch-voxels", type=int,
                     help="speed only: cut P-sample patches of P mm (1 mm sampling) and run the "
                          "model's networks on them, as a model trained on that size would run "
@@ -269,7 +273,7 @@ def main(argv=None) -> int:
         model, what = None, "none (rule-based only)"
     elif model_dir is not None:
         folds = list(range(args.folds)) if args.folds else None
-        model = load_model(model_dir, tta=args.tta, folds=folds)
+        model = load_model(model_dir, tta=args.tta, folds=folds, precision=args.precision)
         what = f"{model!r} from {model_dir}"
         if args.patch_voxels:  # the networks pool globally, so they take any patch size
             p = int(args.patch_voxels)
@@ -278,7 +282,7 @@ def main(argv=None) -> int:
             what += f", run on {p} mm / {p}-sample patches (speed only)"
     else:
         model, what = default_like_model(args.patch_voxels or 32, tta=args.tta,
-                                         n_folds=args.folds)
+                                         n_folds=args.folds, precision=args.precision)
     print(f"threads={args.threads} (torch {torch.get_num_threads()})  CNN: {what}")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_predict_"))

@@ -36,6 +36,7 @@ from torch import nn
 
 from qsm_core.errors import InputError
 from qsm_core.io.atomic import atomic_path, write_json
+from rimnet.fast_ensemble import PRECISIONS
 from rimnet.network import build_network, shared_shell_features
 
 __all__ = ["TTA_MODES", "RimCNN", "tta_views", "iter_tta_views", "n_tta_views",
@@ -293,6 +294,10 @@ class RimCNN:
         Patches per forward pass.
     device : str
         Torch device of the networks.
+    precision : {"fp32", "bf16"}
+        Arithmetic of the networks at inference. ``bf16`` (bfloat16) is about 1.9x faster
+        on CPUs with AMX tile units and moves logits by a few hundredths; float32 is the
+        reference (and the default).
 
     Attributes
     ----------
@@ -309,7 +314,7 @@ class RimCNN:
     def __init__(self, networks: Sequence[nn.Module], *, config: dict,
                  temperature: float = 1.0, offset: float = 0.0, threshold: float = 0.5,
                  prior_shift: float = 0.0, tta: str | None = None, batch_size: int = 64,
-                 device: str = "cpu"):
+                 device: str = "cpu", precision: str = "fp32"):
         if not networks:
             raise InputError("RimCNN needs at least one network")
         if not (np.isfinite(temperature) and temperature > 0):
@@ -328,6 +333,10 @@ class RimCNN:
         n_tta_views(self.tta)
         self.batch_size = int(batch_size)
         self.device = device
+        if precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {precision!r}")
+        self.precision = precision
         self.classes_ = np.array([0, 1])
         self.channels = tuple(self.config["channels"])
         self.patch_mm = float(self.config["patch_mm"])
@@ -339,7 +348,8 @@ class RimCNN:
     # ------------------------------------------------------------------ I/O
     @classmethod
     def load(cls, model_dir, *, device: str = "cpu", tta: str | None = None,
-             folds: Sequence[int] | None = None, batch_size: int = 64) -> RimCNN:
+             folds: Sequence[int] | None = None, batch_size: int = 64,
+             precision: str = "fp32") -> RimCNN:
         """Load a model directory.
 
         Parameters
@@ -353,6 +363,8 @@ class RimCNN:
             Use only these folds (default: every ``fold_K/model.pt`` present).
         batch_size : int
             Patches per forward pass.
+        precision : {"fp32", "bf16"}
+            Inference arithmetic (see the class parameters).
 
         Raises
         ------
@@ -391,7 +403,7 @@ class RimCNN:
                        offset=float(calib.get("offset", 0.0)),
                        threshold=float(calib.get("threshold", 0.5)),
                        prior_shift=float(calib.get("prior_shift", 0.0)), tta=tta,
-                       batch_size=batch_size, device=device)
+                       batch_size=batch_size, device=device, precision=precision)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InputError):
                 raise
@@ -433,9 +445,14 @@ class RimCNN:
     def raw_logits(self, patches, *, tta: str | None = None) -> np.ndarray:
         """Uncalibrated ensemble rim logits, shape (N,)."""
         self._check(patches)
-        return ensemble_logits(self.networks, patches, tta=tta or self.tta,
-                               batch_size=self.batch_size, device=self.device,
-                               stacked=self._stacked_ensemble())
+        stacked = self._stacked_ensemble()
+        # bfloat16 without the grouped CPU form (CUDA, other architectures): autocast
+        low = self.precision == "bf16" and stacked is None
+        with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16,
+                            enabled=low):
+            return ensemble_logits(self.networks, patches, tta=tta or self.tta,
+                                   batch_size=self.batch_size, device=self.device,
+                                   stacked=stacked)
 
     def _stacked_ensemble(self):
         """The fold networks as one batched network on CPU (rimnet.fast_ensemble), or None.
@@ -446,12 +463,13 @@ class RimCNN:
             return None
         from rimnet.fast_ensemble import checked_stacked_ensemble, fingerprint
 
-        key = fingerprint(self.networks)
+        key = (fingerprint(self.networks), self.precision)
         if getattr(self, "_stacked_key", None) != key:
             p = self.patch_voxels
             example = torch.rand((2, len(self.channels), p, p, p),
                                  generator=torch.Generator().manual_seed(0))
-            self._stacked = checked_stacked_ensemble(self.networks, example)
+            self._stacked = checked_stacked_ensemble(self.networks, example,
+                                                     precision=self.precision)
             self._stacked_key = key
         return self._stacked
 
@@ -496,7 +514,8 @@ class RimCNN:
     def __repr__(self) -> str:
         return (f"RimCNN(folds={len(self.networks)}, arch={self.config.get('arch')!r}, "
                 f"channels={self.channels}, tta={self.tta!r}, "
-                f"temperature={self.temperature:.3g}, threshold={self.threshold:.3g})")
+                f"temperature={self.temperature:.3g}, threshold={self.threshold:.3g}, "
+                f"precision={self.precision!r})")
 
 
 def save_state_dict(net: nn.Module, path) -> Path:

@@ -253,7 +253,7 @@ def default_model_dir() -> Path:
 
 
 def load_model(model_dir=None, *, device: str = "cpu", tta: str | None = None,
-               folds=None):
+               folds=None, precision: str = "fp32"):
     """Load the rim CNN (:class:`rimnet.model.RimCNN`) from a model directory.
 
     Parameters
@@ -265,6 +265,9 @@ def load_model(model_dir=None, *, device: str = "cpu", tta: str | None = None,
         Override the model's test-time augmentation (``none`` is fastest).
     folds : sequence of int, optional
         Use only these fold networks (fewer = faster, less accurate).
+    precision : {"fp32", "bf16"}
+        Inference arithmetic of the CNN (:class:`rimnet.model.RimCNN`); ``bf16`` is faster
+        on CPUs with AMX units.
 
     Raises
     ------
@@ -283,7 +286,7 @@ def load_model(model_dir=None, *, device: str = "cpu", tta: str | None = None,
     except ImportError as exc:
         raise InputError(f"the CNN model code is not available ({exc}); {hint}") from None
     try:
-        kwargs = {"device": device}
+        kwargs = {"device": device, "precision": precision}
         if tta is not None:
             kwargs["tta"] = tta
         if folds is not None:

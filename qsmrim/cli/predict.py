@@ -58,6 +58,10 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "predict") -> None:
                         help="device for the CNN and the reconstruction (default: cpu)")
     parser.add_argument("--tta", choices=("none", "flip", "d4", "d4z"),
                         help="override the model's test-time augmentation (none: fastest)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="CNN arithmetic (default: fp32); bf16 is about 1.9x faster on "
+                             "CPUs with AMX units (Intel Sapphire Rapids and later) and moves "
+                             "probabilities by about 0.01")
     parser.add_argument("--folds", nargs="+", type=int, metavar="K",
                         help="use only these fold networks of the model (faster)")
     parser.add_argument("--cnn-threshold", type=float, metavar="P",
@@ -117,10 +121,10 @@ def run(args) -> int:
     shard_i, shard_n = parse_shard(args.shard)
     scans = find_lesion_maps(args.lesions, participant_labels=args.participant_label)
     mine = select_shard(scans, shard_i, shard_n)
-    if args.no_cnn and (args.tta or args.folds):
-        raise InputError("--tta/--folds need the CNN; drop --no-cnn")
+    if args.no_cnn and (args.tta or args.folds or args.precision != "fp32"):
+        raise InputError("--tta/--folds/--precision need the CNN; drop --no-cnn")
     model = None if args.no_cnn else load_model(args.model, device=args.device, tta=args.tta,
-                                                folds=args.folds)
+                                                folds=args.folds, precision=args.precision)
     predictor = Predictor(model, cnn_threshold=args.cnn_threshold,
                           min_long_axis_mm=args.min_long_axis_mm, bids_dir=bids_dir,
                           qsm_dir=args.qsm, device=args.device, review=not args.no_review,

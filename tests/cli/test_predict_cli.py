@@ -110,6 +110,33 @@ def test_bad_arguments(tmp_path, rng, capsys):
     assert "no such lesion-map folder" in capsys.readouterr().err
 
 
+def test_bf16_precision_scores_like_fp32_and_is_recorded(tmp_path, rng, capsys):
+    make_dataset(tmp_path, rng, n_scans=2)
+    model = _tiny_model(tmp_path / "model")
+    common = ["--lesions", str(tmp_path / "les"), "--qsm", str(tmp_path / "qsm"), "--model",
+              str(model), "--no-review"]
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert main(["predict", str(tmp_path / "bids"), str(out), *common,
+                     "--precision", precision]) == 0
+        runs[precision] = pd.read_csv(out / "predictions.tsv", sep="\t")
+        assert f"precision='{precision}'" in json.loads((out / "predict.json").read_text())[
+            "model"]
+    a, b = runs["fp32"], runs["bf16"]
+    assert a["lesion_id"].tolist() == b["lesion_id"].tolist()
+    assert a["rule_score"].tolist() == b["rule_score"].tolist()  # the rule is untouched
+    np.testing.assert_allclose(b["cnn_prob"], a["cnn_prob"], atol=0.02)
+    # resuming a folder with the other precision is refused, not mixed
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "bids"), str(tmp_path / "fp32"), *common,
+                 "--precision", "bf16"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "bids"), str(tmp_path / "x"), "--lesions",
+                 str(tmp_path / "les"), "--no-cnn", "--precision", "bf16"]) == 2
+    assert "drop --no-cnn" in capsys.readouterr().err
+
+
 def _write_raw_gre(root, sub, chi, affine, rng):
     from qsm_core.io.bids import write_megre
 

@@ -154,3 +154,56 @@ def test_chunk_sizes_are_the_fewest_and_even(size):
         assert sum(sizes) == n
         assert len(sizes) == -(-n // size)  # as few chunks as the size limit allows
         assert max(sizes) <= size and max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("shells", [False, True])
+def test_bf16_grouped_ensemble_is_close_to_float32(shells):
+    from rimnet.fast_ensemble import GroupedEnsemble
+
+    kw = {"shell_channels": {"qsm": 0, "lesion": 2, "others": 3}} if shells else {}
+    nets = _nets(3, arch="resnet", **kw)
+    x = _patches(12)
+    with torch.inference_mode():
+        sh = shared_shell_features(nets, x)
+        args = (x,) if sh is None else (x, sh)
+        ref = torch.stack([net(*args) for net in nets])
+        fast = checked_stacked_ensemble(nets, x, precision="bf16")
+        assert isinstance(fast, GroupedEnsemble) and fast.precision == "bf16"
+        assert next(fast.module.parameters()).dtype == torch.bfloat16
+        fsh = fast.shell_features(x)
+        got = fast(*((x,) if fsh is None else (x, fsh)))
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    spread = (ref.max() - ref.min()).item()
+    err = (got - ref).abs().max().item()
+    assert 0 < err <= 0.05 * spread + 0.05  # rounded, not wrong
+    # the ranking of the patches is what the scores are for: (nearly) unchanged
+    r = torch.argsort(torch.argsort(ref.mean(0)[:, 0])).float()
+    g = torch.argsort(torch.argsort(got.mean(0)[:, 0])).float()
+    assert torch.corrcoef(torch.stack([r, g]))[0, 1] > 0.95
+    with pytest.raises(ValueError, match="precision"):
+        GroupedEnsemble(nets, precision="fp16")
+
+
+def test_rimcnn_bf16_uses_the_grouped_form_or_autocast():
+    from qsm_core.errors import InputError
+    from rimnet.fast_ensemble import GroupedEnsemble
+
+    cfg = {"channels": ["qsm", "flair", "lesion", "others"], "patch_mm": 32.0,
+           "patch_voxels": 32, "arch": "resnet", "net_channels": [8, 16, 32, 64]}
+    nets = _nets(2, arch="resnet")
+    x = _patches(6).numpy()
+    fp32 = RimCNN(nets, config=cfg).raw_logits(x)
+    model = RimCNN(nets, config=cfg, precision="bf16")
+    assert isinstance(model._stacked_ensemble(), GroupedEnsemble)
+    np.testing.assert_allclose(model.raw_logits(x), fp32, atol=0.05 * np.ptp(fp32) + 0.05)
+    assert "precision='bf16'" in repr(model)
+    with pytest.raises(InputError, match="precision"):
+        RimCNN(nets, config=cfg, precision="half")
+    # no grouped form: the per-network loop runs under bfloat16 autocast
+    odd = [_DataDependent().eval(), _DataDependent().eval()]
+    cfg2 = {**cfg, "patch_voxels": 8}
+    y = _patches(3, p=8).numpy()
+    low = RimCNN(odd, config=cfg2, precision="bf16")
+    assert low._stacked_ensemble() is None
+    np.testing.assert_allclose(low.raw_logits(y), RimCNN(odd, config=cfg2).raw_logits(y),
+                               atol=0.05)
