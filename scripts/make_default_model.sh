@@ -14,10 +14,10 @@
 # The folder names matter: participant ids are qualified by them, and so are the splits.
 # Labels: the simulation's ground truth (truth_prl). Patches are snapped to the voxel grid
 # (the default of `qsmrim extract`).
-# Background blur: the packaged model was trained on cohorts simulated before 2026-11-22, when
-# the forward model point-sampled the air edges (docs/simulator.md, "Background field and
-# head tilt"), so this script passes --background-blur 0 unless BACKGROUND_BLUR is set in the
-# environment (BACKGROUND_BLUR=1: the corrected simulator, qsmrim's default).
+# Background blur: the packaged model (v8, session 14) was trained on cohorts simulated with
+# the corrected forward model (--background-blur 1, qsmrim's default; docs/simulator.md,
+# "Background field and head tilt"). BACKGROUND_BLUR=0 recreates the cohorts of the models
+# up to v7, whose forward model point-sampled the air edges.
 # SIM_WORKERS (default 2) is the number of simulator processes, RECON_JOBS (default 2) the
 # number of scans reconstructed at once (qsmrim recon --jobs); neither changes the data beyond
 # float rounding (the simulator's scans are identical; recon's differ in the last bits).
@@ -27,7 +27,7 @@ model=${2:-rimnet/default_model}
 mkdir -p "$work"
 common=(--preset ms-only --scanner siemens --set MS.lesions_mean=24
         --set MS.lesions_sd=5 --set MS.sessions_mean=1 --set MS.lesion_prl_fraction=0.3
-        --set MS.patient_prl_fraction=0.9 --background-blur "${BACKGROUND_BLUR:-0}"
+        --set MS.patient_prl_fraction=0.9 --background-blur "${BACKGROUND_BLUR:-1}"
         --workers "${SIM_WORKERS:-2}" --no-progress)
 qsmrim simulate "$work/cohort1/bids" "${common[@]}" --subjects 75 --seed 101
 qsmrim simulate "$work/cohort2/bids" "${common[@]}" --subjects 75 --seed 202 --set MS.style.prl_size_bias=0
