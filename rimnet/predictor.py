@@ -452,6 +452,7 @@ class Predictor:
         if self.model is not None:
             info["model_dir"] = str(Path(self.model_dir).resolve()) if self.model_dir else None
             info["model"] = repr(self.model)
+            info["precision"] = getattr(self.model, "precision", "fp32")
         return info
 
     # -- inputs -------------------------------------------------------------------------

@@ -121,8 +121,7 @@ def test_bf16_precision_scores_like_fp32_and_is_recorded(tmp_path, rng, capsys):
         assert main(["predict", str(tmp_path / "bids"), str(out), *common,
                      "--precision", precision]) == 0
         runs[precision] = pd.read_csv(out / "predictions.tsv", sep="\t")
-        assert f"precision='{precision}'" in json.loads((out / "predict.json").read_text())[
-            "model"]
+        assert json.loads((out / "predict.json").read_text())["precision"] == precision
     a, b = runs["fp32"], runs["bf16"]
     assert a["lesion_id"].tolist() == b["lesion_id"].tolist()
     assert a["rule_score"].tolist() == b["rule_score"].tolist()  # the rule is untouched
