@@ -117,6 +117,18 @@ class _MaxPoolK3S2P1(nn.Module):
         return max_pool3d_k3s2p1(x)
 
 
+class _PlainMaxPoolK3S2P1(_MaxPoolK3S2P1):
+    """The same pooling without the custom operator, for the grouped form (no vmap).
+
+    The first call of a ``torch.library`` custom operator imports torch's tracing
+    machinery (about 800 modules, sympy among them: 1.5-3 s), once per process; a
+    one-scan ``qsmrim predict`` paid it at every run.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _max_pool_k3s2p1_impl(x, range(x.ndim - 3, x.ndim))
+
+
 def _is_k3s2p1(m: nn.Module) -> bool:
     def triple(v):
         return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
@@ -371,6 +383,8 @@ def _grouped_module(mods: Sequence[nn.Module], stacked_in: bool) -> nn.Module:
         return new
     if isinstance(m0, _BiasReLU):
         return _BiasReLU(torch.cat([m.bias.detach() for m in mods]))
+    if isinstance(m0, _MaxPoolK3S2P1):
+        return _PlainMaxPoolK3S2P1()
     if isinstance(m0, nn.modules.batchnorm._BatchNorm):
         if m0.training or not m0.track_running_stats:
             raise _GroupingError("batch norm without running statistics")

@@ -207,3 +207,23 @@ def test_rimcnn_bf16_uses_the_grouped_form_or_autocast():
     assert low._stacked_ensemble() is None
     np.testing.assert_allclose(low.raw_logits(y), RimCNN(odd, config=cfg2).raw_logits(y),
                                atol=0.05)
+
+
+def test_grouped_form_pools_without_the_custom_operator(monkeypatch):
+    # the custom operator's first call imports torch's tracing stack (seconds per process);
+    # the grouped form, which needs no vmap, must not reach it
+    import rimnet.fast_ensemble as fe
+
+    nets = _nets(2, arch="resnet")
+    x = _patches(3)
+    with torch.inference_mode():
+        ref = torch.stack([net(x) for net in nets])
+
+    def forbidden(x):
+        raise AssertionError("custom operator called")
+
+    monkeypatch.setattr(fe, "max_pool3d_k3s2p1", forbidden)
+    grouped = fe.GroupedEnsemble(nets)
+    with torch.inference_mode():
+        got = grouped(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
