@@ -16,11 +16,12 @@ K networks together, with the same results to float rounding:
    :func:`torch.vmap`: the first convolution, which sees the shared input, becomes one
    convolution with K times the output channels, and the later ones grouped convolutions.
 
-With ``precision="bf16"`` the grouped network runs in bfloat16 with channels-last tensors,
+With ``precision="bf16"`` the grouped network runs in bfloat16 with channels-last weights,
 which oneDNN maps onto the AMX tile units of recent x86 CPUs (Sapphire Rapids and later):
 on such a CPU about 2.5x faster than float32 (29 patches, 2 threads), with logits that
-differ by a few hundredths (docs/benchmarks.md, session 14, has the held-out figures). On a CPU
-without AMX or AVX512-BF16 it is slower than float32.
+differ by a few hundredths (docs/benchmarks.md, session 14, has the held-out figures). On
+a CPU without AMX or AVX512-BF16 it is slower than float32 (session 5 measured the stem
+convolution 2.8x slower there).
 
 The networks must be in eval mode and are not modified; a later change to their weights is
 not seen by an ensemble built before it (build a new one).
