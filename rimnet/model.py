@@ -337,6 +337,9 @@ class RimCNN:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {precision!r}")
         self.precision = precision
+        if precision == "bf16" and torch.device(device).type == "cpu" and not cpu_has_bf16_units():
+            log.warning("precision bf16: this CPU has neither AMX nor AVX512-BF16 units, so "
+                        "the CNN will run slower than in fp32 (the default)")
         self.classes_ = np.array([0, 1])
         self.channels = tuple(self.config["channels"])
         self.patch_mm = float(self.config["patch_mm"])
@@ -516,6 +519,16 @@ class RimCNN:
                 f"channels={self.channels}, tta={self.tta!r}, "
                 f"temperature={self.temperature:.3g}, threshold={self.threshold:.3g}, "
                 f"precision={self.precision!r})")
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU has bfloat16 matrix units (AMX tiles or AVX512-BF16).
+
+    Read from torch's own CPU feature checks (``torch.cpu``); False where torch does not
+    provide them.
+    """
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def save_state_dict(net: nn.Module, path) -> Path:

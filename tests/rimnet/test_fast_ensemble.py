@@ -227,3 +227,22 @@ def test_grouped_form_pools_without_the_custom_operator(monkeypatch):
     with torch.inference_mode():
         got = grouped(x)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns(monkeypatch, caplog):
+    import rimnet.model as model_mod
+
+    cfg = {"channels": ["qsm", "flair", "lesion", "others"], "patch_mm": 32.0,
+           "patch_voxels": 32, "arch": "resnet", "net_channels": [8, 16, 32, 64]}
+    nets = _nets(1, arch="resnet")
+    monkeypatch.setattr(model_mod, "cpu_has_bf16_units", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="rimnet.model"):
+        RimCNN(nets, config=cfg)  # fp32: nothing to say
+        assert caplog.text == ""
+        RimCNN(nets, config=cfg, precision="bf16")
+    assert "slower than in fp32" in caplog.text
+    monkeypatch.setattr(model_mod, "cpu_has_bf16_units", lambda: True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rimnet.model"):
+        RimCNN(nets, config=cfg, precision="bf16")
+    assert caplog.text == ""
