@@ -661,7 +661,8 @@ def checked_stacked_ensemble(nets: Sequence[nn.Module], example: torch.Tensor, *
         return None
     for kind in (GroupedEnsemble,) if low else (GroupedEnsemble, StackedEnsemble):
         try:
-            fast = kind(nets, precision=precision) if low else kind(nets)
+            fast = (GroupedEnsemble(nets, precision=precision) if kind is GroupedEnsemble
+                    else StackedEnsemble(nets))
             with torch.inference_mode():
                 fsh = fast.shell_features(example)
                 got = fast.sum(*((example,) if fsh is None else (example, fsh))).float()
