@@ -19,6 +19,11 @@
 #                            default
 #   singleecho               the siemens plan acquired with one echo (TE 20 ms, the
 #                            single-echo preset); not run by default
+#   7t, 1.5t                 the siemens plan on a 7 T or a 1.5 T magnet (phase and R2* scale
+#                            with B0; same echo times and SNR); not run by default
+#   sagittal, coronal        the siemens plan stored with permuted, flipped voxel axes (P,I,R
+#                            and the left-handed R,S,A): the same scans, so their scores should
+#                            match siemens'; not run by default
 # BACKGROUND_BLUR=0 in the environment simulates the cohorts as qsmrim did before 2026-11-22,
 # with point-sampled air edges in the forward model (qsmrim simulate --background-blur): the
 # model card's tables up to session 11 were made that way.
@@ -30,6 +35,7 @@
 set -euo pipefail
 work=${1:?usage: heldout_cohorts.sh WORK_DIR [MODEL_DIR] [COHORT ...]}
 known=" siemens philips aniso heldout2 stress stress2 irregular discrete lowsnr singleecho "
+known+="7t 1.5t sagittal coronal "
 model=${2:-}
 if [ -n "$model" ] && [ ! -d "$model" ] && [[ $known == *" $model "* ]]; then
   model=""  # a cohort name in the MODEL_DIR slot: the packaged model, cohorts from $2 on
@@ -64,6 +70,10 @@ for c in "${cohorts[@]}"; do
     discrete) opts=("${plan[@]}" --scanner siemens --forward-kernel discrete) ;;
     lowsnr) opts=("${plan[@]}" --scanner siemens --snr 20) ;;
     singleecho) opts=("${plan[@]}" --scanner single-echo) ;;
+    7t) opts=("${plan[@]}" --scanner siemens --field-strength 7) ;;
+    1.5t) opts=("${plan[@]}" --scanner siemens --field-strength 1.5) ;;
+    sagittal) opts=("${plan[@]}" --scanner siemens --orientation sagittal) ;;
+    coronal) opts=("${plan[@]}" --scanner siemens --orientation coronal) ;;
     *) echo "heldout_cohorts.sh: unknown cohort '$c' (known:${known% })" >&2; exit 2 ;;
   esac
   [ -f "$d/bids/participants.tsv" ] || qsmrim simulate "$d/bids" "${general[@]}" "${opts[@]}"

@@ -11,7 +11,7 @@ from qsmrim.cli import add_no_progress
 def add_parser(parser: argparse.ArgumentParser, name: str) -> None:
     """Fill the subcommand's parser."""
     from qsm_core.dipole import DIPOLE_KERNELS
-    from training.simulate.acquisition import SCANNERS
+    from training.simulate.acquisition import ORIENTATIONS, SCANNERS
     from training.simulate.presets import PRESETS
 
     parser.add_argument("out_dir", metavar="OUT_DIR", help="dataset folder to create")
@@ -43,6 +43,14 @@ def add_parser(parser: argparse.ArgumentParser, name: str) -> None:
                              "susceptibility outside the brain in the forward model (default "
                              "1); 0 = point-sampled air edges, as before 2026-11-22, whose "
                              "Gibbs ringing reaches into the brain when B0 is tilted")
+    parser.add_argument("--field-strength", type=float, default=None, metavar="TESLA",
+                        help="B0 in tesla (default: the scanner preset's, 3); phase accrues "
+                             "and R2* grows in proportion, echo times and SNR stay the "
+                             "preset's")
+    parser.add_argument("--orientation", default="axial", choices=sorted(ORIENTATIONS),
+                        help="storage orientation of the images (default axial); sagittal "
+                             "and coronal write the same scan with permuted, flipped voxel "
+                             "axes, as other slab orientations are stored")
     parser.add_argument("--anatomy", default="mni", choices=["mni", "procedural"],
                         help="head model (default: MNI152 2009 template)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -83,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress,
         tables_only=args.tables_only, report=args.report, source=args.anatomy,
         snr=args.snr, max_tilt_deg=args.max_tilt, forward_kernel=args.forward_kernel,
+        field_strength_t=args.field_strength, orientation=args.orientation,
         overrides=_overrides(args.overrides), **blur,
         anatomy_voxel_mm=None if args.anatomy_voxel_size is None
         else tuple(args.anatomy_voxel_size))

@@ -2,6 +2,7 @@
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +11,8 @@ from qsm_core.errors import InputError
 from qsm_core.io import load_nifti
 from qsm_core.io.tables import read_table
 from qsmrim.cli.main import main
-from training.simulate.cohort import plan_cohort, simulate_cohort
+from training.simulate import acquisition as acq
+from training.simulate.cohort import plan_cohort, simulate_cohort, simulate_scan
 from training.simulate.presets import get_preset
 from training.simulate.readers import default_readers, read_lesions
 from training.simulate.report import calibration_report, cohen_kappa
@@ -205,9 +207,15 @@ def test_cli_refuses_non_empty_dir_and_writes_tables_only(tmp_path, capsys):
     assert main(args) == 2
     assert "not empty" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    assert main(args + ["--overwrite", "--report"]) == 0
+    assert main(args + ["--overwrite", "--report", "--field-strength", "7",
+                        "--orientation", "sagittal"]) == 0
     assert (out / "participants.tsv").is_file() and not (out / "keep.txt").exists()
     assert not list(out.rglob("*.nii.gz"))
+    settings = json.loads((out / "derivatives/simulation/simulation.json").read_text())
+    assert settings["field_strength_t"] == 7.0 and settings["orientation"] == "sagittal"
+    assert main(["simulate", str(tmp_path / "y"), "--field-strength", "30",
+                 "--tables-only"]) == 2
+    assert "field strength" in capsys.readouterr().err
     assert main(["simulate", str(tmp_path / "x"), "--set", "lesions_mean=-3",
                  "--tables-only"]) == 2
     assert "lesions_mean" in capsys.readouterr().err
@@ -307,3 +315,31 @@ def test_background_blur_setting_recorded_and_checked():
     for bad in (-0.5, 5.0):
         with pytest.raises(InputError, match="background_blur_voxels"):
             plan_cohort("general-ms", background_blur_voxels=bad, **kw)
+
+
+def test_storage_orientation_moves_voxels_not_anatomy():
+    """A sagittal or coronal scan is the axial one with its axes permuted and flipped: every
+    image, label map and truth map maps back voxel for voxel, with the same world affine."""
+    kw = dict(n_subjects=1, seed=4, source="procedural", anatomy_shape=(40, 44, 48),
+              anatomy_voxel_mm=(1.5, 1.5, 1.5), voxel_size_mm=(1.5, 1.5, 1.5),
+              max_tilt_deg=10)
+    axial = simulate_scan(plan_cohort("general-ms", **kw), 0, 0)
+    assert nib.aff2axcodes(axial.gre_affine) == ("R", "A", "S")
+    for orientation, codes, shape in [("sagittal", ("P", "I", "R"), (44, 48, 40)),
+                                      ("coronal", ("R", "S", "A"), (40, 48, 44))]:
+        plan = plan_cohort("general-ms", orientation=orientation, **kw)
+        assert plan.settings["orientation"] == orientation
+        scan = simulate_scan(plan, 0, 0)
+        assert nib.aff2axcodes(scan.gre_affine) == codes
+        assert nib.aff2axcodes(scan.flair_affine) == codes
+        assert scan.magnitude.shape[:3] == shape and scan.lesion_labels.shape == shape
+        for name in ("magnitude", "phase_rad", "chi_ppm", "brain_mask", "rim_mask"):
+            back, affine = acq.store_as(getattr(scan, name), scan.gre_affine, "axial")
+            np.testing.assert_array_equal(back, getattr(axial, name), err_msg=name)
+            np.testing.assert_allclose(affine, axial.gre_affine, atol=1e-9)
+        back, _ = acq.store_as(scan.lesion_labels, scan.flair_affine, "axial")
+        np.testing.assert_array_equal(back, axial.lesion_labels)
+        assert scan.stats.keys() == axial.stats.keys()
+    assert np.linalg.det(scan.gre_affine[:3, :3]) < 0  # coronal (R, S, A) is left-handed
+    with pytest.raises(InputError, match="orientation"):
+        plan_cohort("general-ms", orientation="oblique", **kw)

@@ -105,8 +105,10 @@ def test_fourier_resample_grid_and_intensity():
         acq.grid_for(x.shape, (1, 1, 1), (1.2345, 1, 1))
 
 
-def test_gre_phase_encodes_forward_field_and_r2star():
-    """Noise-free echoes: phase differences = 2 pi gbar B0 f dTE; magnitude decays at R2*."""
+@pytest.mark.parametrize("tesla", [3.0, 7.0])
+def test_gre_phase_encodes_forward_field_and_r2star(tesla):
+    """Noise-free echoes: phase differences = 2 pi gbar B0 f dTE; magnitude decays at R2*,
+    which grows in proportion to B0 (the anatomy's R2* is at 3 T)."""
     anat = build_anatomy(source="procedural", voxel_size_mm=(3, 3, 3), shape=(48, 48, 48),
                          seed=0)
     rot = acq.tilt_rotation(4.0, 30.0)
@@ -119,18 +121,28 @@ def test_gre_phase_encodes_forward_field_and_r2star():
     direct = forward_field_ppm(chi - 9.4, voxel_size_mm=(3, 3, 3), b0_dir=b0, pad_voxels=8)
     brain = anat.brain_mask > 0
     assert np.abs(field - direct)[brain].max() < 0.05  # only padding differences
-    sc = acq.ScannerPreset("t", "T", 3.0, (0.004, 0.008), snr=1e9)
+    sc = acq.at_field_strength(acq.ScannerPreset("t", "T", 3.0, (0.004, 0.008), snr=1e9),
+                                tesla)
     mag, pha = acq.acquire_gre(anat, field, scanner=sc, voxel_size_mm=(3, 3, 3),
                                rng=np.random.default_rng(0))
     assert mag.shape == (48, 48, 48, 2) and pha.dtype == np.float32
     assert pha.min() >= -np.pi and pha.max() < np.pi
     dphi = np.angle(np.exp(1j * (pha[..., 1] - pha[..., 0])))
-    want = np.angle(np.exp(1j * 2 * np.pi * ppm_to_hz(3.0) * field * 0.004))
+    want = np.angle(np.exp(1j * 2 * np.pi * ppm_to_hz(tesla) * field * 0.004))
     wm = (anat.labels == LABEL_IDS["wm"]) & (anat.vein_fraction == 0)
     err = np.abs(np.angle(np.exp(1j * (dphi - want))))[wm]
     assert np.median(err) < 1e-3
     ratio = mag[..., 1][wm] / mag[..., 0][wm]
-    assert np.median(ratio) == pytest.approx(np.exp(-20.0 * 0.004), rel=0.01)
+    assert np.median(ratio) == pytest.approx(np.exp(-20.0 * tesla / 3.0 * 0.004), rel=0.01)
+
+
+def test_field_strength_is_checked():
+    sc = acq.get_scanner("siemens")
+    assert acq.at_field_strength(sc, None) is sc
+    assert acq.at_field_strength(sc, 1.5).echo_times_s == sc.echo_times_s
+    for bad in (0.1, 20.0):
+        with pytest.raises(InputError, match="field strength"):
+            acq.at_field_strength(sc, bad)
 
 
 def test_blur_outside_brain_keeps_the_brain_and_uniform_regions():

@@ -24,9 +24,10 @@ the ground truth of QSM.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
+import nibabel.orientations as nio
 import numpy as np
 import scipy.fft
 import scipy.ndimage as ndi
@@ -37,7 +38,8 @@ from qsm_core.errors import InputError
 from qsm_core.geometry import b0_dir_from_affine
 from training.simulate.anatomy import AIR_CHI_PPM, TISSUES, Anatomy
 
-__all__ = ["ScannerPreset", "SCANNERS", "get_scanner", "tilt_rotation", "grid_for",
+__all__ = ["ScannerPreset", "SCANNERS", "get_scanner", "at_field_strength", "ORIENTATIONS",
+           "store_as", "tilt_rotation", "grid_for",
            "fourier_resample", "linear_resample", "nearest_resample",
            "blur_outside_brain", "total_field", "acquire_gre", "acquire_flair",
            "BACKGROUND_BLUR_VOXELS"]
@@ -94,6 +96,72 @@ def get_scanner(name: str | ScannerPreset) -> ScannerPreset:
     if name not in SCANNERS:
         raise InputError(f"unknown scanner {name!r}; choose one of {sorted(SCANNERS)}")
     return SCANNERS[name]
+
+
+def at_field_strength(scanner: ScannerPreset, field_strength_t: float | None) -> ScannerPreset:
+    """The same protocol on a magnet of another strength (``None``: unchanged).
+
+    Phase accrues at ``gbar * B0`` per ppm, so fields wrap more often at 7 T; R2* is taken
+    as proportional to B0 (:func:`acquire_gre`). Echo times and SNR stay the protocol's.
+
+    Examples
+    --------
+    >>> at_field_strength(get_scanner("siemens"), 7.0).field_strength_t
+    7.0
+    """
+    if field_strength_t is None:
+        return scanner
+    b0 = float(field_strength_t)
+    if not 0.5 <= b0 <= 11.7:
+        raise InputError(f"field strength must be in [0.5, 11.7] T, got {field_strength_t!r}")
+    return replace(scanner, field_strength_t=b0)
+
+
+#: Storage orientations of the simulated images: the world direction (RAS+, nibabel axis
+#: codes) each voxel axis points to. ``axial`` is how the simulator has always written;
+#: ``sagittal`` (P, I, R: rows along anterior-posterior, slices left-right) and ``coronal``
+#: (R, S, A, a left-handed voxel frame, det < 0) store the same scan with permuted and
+#: flipped axes, as scanners write other slab orientations. The physics does not change;
+#: B0 in voxel axes has to be read from the affine.
+ORIENTATIONS: dict[str, tuple[str, str, str]] = {
+    "axial": ("R", "A", "S"), "sagittal": ("P", "I", "R"), "coronal": ("R", "S", "A")}
+
+
+def store_as(arr: np.ndarray, affine: np.ndarray, orientation: str):
+    """Permute and flip the voxel axes of an image to a storage orientation.
+
+    Parameters
+    ----------
+    arr : ndarray, shape (X, Y, Z, ...)
+        Image on an axial (near-RAS) grid; axes after the third (echoes) are kept.
+    affine : ndarray, shape (4, 4)
+        Its voxel-to-world affine (mm).
+    orientation : str
+        A key of :data:`ORIENTATIONS`.
+
+    Returns
+    -------
+    arr : ndarray
+        The same voxels in the new axis order (a copy, C-contiguous).
+    affine : ndarray, shape (4, 4)
+        The affine that puts every voxel at its old world position.
+
+    Examples
+    --------
+    >>> a = np.arange(24.0).reshape(2, 3, 4)
+    >>> b, aff = store_as(a, np.eye(4), "sagittal")
+    >>> b.shape, nio.aff2axcodes(aff)
+    ((3, 4, 2), ('P', 'I', 'R'))
+    """
+    if orientation not in ORIENTATIONS:
+        raise InputError(f"orientation must be one of {sorted(ORIENTATIONS)}, got "
+                         f"{orientation!r}")
+    now = nio.io_orientation(affine)
+    change = nio.ornt_transform(now, nio.axcodes2ornt(ORIENTATIONS[orientation]))
+    if np.array_equal(change, [[0, 1], [1, 1], [2, 1]]):
+        return arr, affine
+    out = np.ascontiguousarray(nio.apply_orientation(arr, change))
+    return out, affine @ nio.inv_ornt_aff(change, arr.shape[:3])
 
 
 def tilt_rotation(tilt_deg: float, azimuth_deg: float) -> np.ndarray:
@@ -333,7 +401,11 @@ def acquire_gre(anat: Anatomy, field_ppm: np.ndarray, *, scanner: ScannerPreset,
     pha = np.empty((*out_shape, n_e), np.float32)
     sigma = np.float32(TISSUES["wm"].pd / snr)
     pd_h = anat.pd.ravel()[head]
+    # R2* of the anatomy is at 3 T; its field-dependent part (R2') dominates in the brain,
+    # so it is scaled with B0 (an approximation: R2* at 7 T is about twice that at 3 T)
     r2_h = anat.r2star_s.ravel()[head]
+    if scanner.field_strength_t != 3.0:
+        r2_h = r2_h * np.float32(scanner.field_strength_t / 3.0)
     w_h = np.float32(scanner.phase_sign * 2 * np.pi * hz_per_ppm) * field_ppm.ravel()[head]
     ph0_h = phi0.ravel()[head]
     tes = np.asarray(scanner.echo_times_s, float)

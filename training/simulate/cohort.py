@@ -237,6 +237,7 @@ def plan_cohort(preset: str | CohortPreset = "seed-study", *, n_subjects: int, s
                 snr: float | None = None, max_tilt_deg: float = 5.0,
                 forward_kernel: str = "continuous",
                 background_blur_voxels: float = acq.BACKGROUND_BLUR_VOXELS,
+                field_strength_t: float | None = None, orientation: str = "axial",
                 overrides: dict | None = None) -> CohortPlan:
     """Plan a cohort: subjects, sessions, lesions with ground truth and reader calls.
 
@@ -271,6 +272,12 @@ def plan_cohort(preset: str | CohortPreset = "seed-study", *, n_subjects: int, s
         in the forward model (:func:`training.simulate.acquisition.blur_outside_brain`);
         0 = point-sampled air edges, as before 2026-11-22, whose Gibbs ringing reaches into
         the brain when B0 is tilted.
+    field_strength_t : float, optional
+        B0 in tesla (default: the scanner preset's, 3 T); see
+        :func:`~training.simulate.acquisition.at_field_strength`.
+    orientation : {'axial', 'sagittal', 'coronal'}
+        Storage orientation of every image (:data:`~training.simulate.acquisition.ORIENTATIONS`);
+        ``voxel_size_mm`` stays along the world axes x, y, z.
     overrides : dict, optional
         Preset overrides (:func:`~training.simulate.presets.get_preset`).
 
@@ -289,7 +296,10 @@ def plan_cohort(preset: str | CohortPreset = "seed-study", *, n_subjects: int, s
     if not 0 <= background_blur_voxels <= 4:
         raise InputError(f"background_blur_voxels must be in [0, 4] voxels, got "
                          f"{background_blur_voxels!r}")
-    scan = acq.get_scanner(scanner)
+    scan = acq.at_field_strength(acq.get_scanner(scanner), field_strength_t)
+    if orientation not in acq.ORIENTATIONS:
+        raise InputError(f"orientation must be one of {sorted(acq.ORIENTATIONS)}, got "
+                         f"{orientation!r}")
     vox = tuple(float(v) for v in np.asarray(voxel_size_mm, float).reshape(-1))
     if len(vox) != 3 or min(vox) <= 0 or max(vox) > 4:
         raise InputError(f"voxel_size_mm must be three sizes in (0, 4] mm, got "
@@ -388,6 +398,7 @@ def plan_cohort(preset: str | CohortPreset = "seed-study", *, n_subjects: int, s
                 "max_tilt_deg": float(max_tilt_deg), "qsm_noise_ppm": sigma,
                 "forward_kernel": forward_kernel,
                 "background_blur_voxels": float(background_blur_voxels),
+                "field_strength_t": float(scan.field_strength_t), "orientation": orientation,
                 "overrides": dict(overrides or {})}
     return CohortPlan(preset, int(seed), subjects, participants, lesions, settings)
 
@@ -457,7 +468,7 @@ def simulate_scan(plan: CohortPlan, subject: SubjectPlan | int, session: int = 0
         subject = plan.subjects[int(subject)]
     ses = subject.sessions[session]
     cfg = plan.settings
-    scan = acq.get_scanner(cfg["scanner"])
+    scan = acq.at_field_strength(acq.get_scanner(cfg["scanner"]), cfg.get("field_strength_t"))
     rng = np.random.default_rng([plan.seed, 2, subject.index, ses.index])
     shape = None if cfg["anatomy_shape"] is None else tuple(cfg["anatomy_shape"])
     anat = build_anatomy(source=cfg["source"], voxel_size_mm=tuple(cfg["anatomy_voxel_mm"]),
@@ -496,15 +507,19 @@ def simulate_scan(plan: CohortPlan, subject: SubjectPlan | int, session: int = 0
             stats[int(lid)] = {"volume_mm3": float(n) * vvol,
                                "centroid_mm": f_aff[:3, :3] @ np.asarray(com) + f_aff[:3, 3],
                                "rim_coverage": maps["stats"][int(lid)]["rim_coverage"]}
-    return ScanResult(
-        magnitude=mag, phase_rad=pha, echo_times_s=tuple(scan.echo_times_s),
-        gre_affine=acq.world_affine(anat, rot, scale), flair=flair,
-        flair_affine=f_aff, lesion_labels=lab_f,
-        chi_ppm=chi.astype(np.float32), local_field_ppm=local.astype(np.float32),
-        brain_mask=brain.astype(np.uint8),
-        rim_mask=acq.nearest_resample(maps["rim_mask"], avox, vox, out_shape),
-        type_map=acq.nearest_resample(maps["type_map"], avox, vox, out_shape),
-        stats=stats, scanner=scan)
+    orientation = cfg.get("orientation", "axial")
+    g_aff = acq.world_affine(anat, rot, scale)
+    gre = {"magnitude": mag, "phase_rad": pha, "chi_ppm": chi.astype(np.float32),
+           "local_field_ppm": local.astype(np.float32), "brain_mask": brain.astype(np.uint8),
+           "rim_mask": acq.nearest_resample(maps["rim_mask"], avox, vox, out_shape),
+           "type_map": acq.nearest_resample(maps["type_map"], avox, vox, out_shape)}
+    for k, v in gre.items():
+        gre[k], gre_affine = acq.store_as(v, g_aff, orientation)
+    flair, flair_affine = acq.store_as(flair, f_aff, orientation)
+    lab_f, _ = acq.store_as(lab_f, f_aff, orientation)
+    return ScanResult(**gre, echo_times_s=tuple(scan.echo_times_s), gre_affine=gre_affine,
+                      flair=flair, flair_affine=flair_affine, lesion_labels=lab_f,
+                      stats=stats, scanner=scan)
 
 
 def simulate_cohort(out_dir, *, preset="seed-study", n_subjects: int, seed: int = 0,
@@ -515,6 +530,7 @@ def simulate_cohort(out_dir, *, preset="seed-study", n_subjects: int, seed: int 
                     snr: float | None = None, max_tilt_deg: float = 5.0,
                     forward_kernel: str = "continuous",
                     background_blur_voxels: float = acq.BACKGROUND_BLUR_VOXELS,
+                    field_strength_t: float | None = None, orientation: str = "axial",
                     overrides: dict | None = None):
     """Simulate a cohort and write it as a BIDS dataset (see :mod:`bids_writer`).
 
@@ -523,7 +539,8 @@ def simulate_cohort(out_dir, *, preset="seed-study", n_subjects: int, seed: int 
     out_dir : str or Path
         Dataset root; must not exist or be empty unless ``overwrite``.
     preset, n_subjects, seed, scanner, voxel_size_mm, source, anatomy_voxel_mm, snr,
-    max_tilt_deg, forward_kernel, background_blur_voxels, overrides
+    max_tilt_deg, forward_kernel, background_blur_voxels, field_strength_t, orientation,
+    overrides
         See :func:`plan_cohort`.
     flair_voxel_size_mm : sequence of 3 floats, optional
         FLAIR grid (default: the GRE grid).
@@ -549,7 +566,9 @@ def simulate_cohort(out_dir, *, preset="seed-study", n_subjects: int, seed: int 
                        voxel_size_mm=voxel_size_mm, source=source,
                        anatomy_voxel_mm=anatomy_voxel_mm, anatomy_shape=anatomy_shape,
                        snr=snr, max_tilt_deg=max_tilt_deg, forward_kernel=forward_kernel,
-                       background_blur_voxels=background_blur_voxels, overrides=overrides)
+                       background_blur_voxels=background_blur_voxels,
+                       field_strength_t=field_strength_t, orientation=orientation,
+                       overrides=overrides)
     return write_dataset(out_dir, plan, flair_voxel_size_mm=flair_voxel_size_mm,
                          workers=workers, overwrite=overwrite, progress=progress,
                          tables_only=tables_only, report=report)
