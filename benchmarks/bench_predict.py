@@ -10,6 +10,9 @@
    extraction), ``cnn`` and ``rule`` stage timings, summed over every scan; the per-stage
    figures are printed too, and so is the untimed rest (loading, labelling, lesion table). The
    whole pass is repeated ``--repeats`` times (the machine load is printed with each).
+   With ``--jobs N`` the synthetic scans are shared among N processes that run at once,
+   each pinned to its share of the cores (as ``qsmrim predict --jobs N`` runs them); the
+   figure is then the sum of the processes' per-lesion-path throughputs.
    With ``--bids DIR --lesions DIR --qsm DIR`` the same is measured on existing scans
    (e.g. a simulated, reconstructed cohort) in addition.
    The CNN is ``--model`` or the packaged default model, else an untrained network with the
@@ -21,7 +24,7 @@ Usage::
 
     python benchmarks/bench_predict.py [--threads 2] [--scans 8] [--repeats 3]
         [--model DIR] [--tta none|flip|d4|d4z] [--folds K] [--precision fp32|bf16]
-        [--no-cnn] [--patch-voxels P]
+        [--no-cnn] [--patch-voxels P] [--jobs N]
         [--bids DIR --lesions DIR [--qsm DIR [--batch]]] [--participant-label 001]
 
 3. Optional (``--batch`` with ``--qsm``): the whole batch (:func:`rimnet.predictor.run_batch`:
@@ -114,6 +117,26 @@ def default_like_model(patch_voxels: int, *, tta=None, n_folds=None, precision="
                           channels=tuple(cfg.net_channels)) for _ in range(k)]
     what = f"untrained {cfg.arch} x{k} folds, tta={config['tta']}"
     return RimCNN(nets, config=config, precision=precision), what
+
+
+def make_model(*, model_dir, no_cnn, tta, folds, precision, patch_voxels):
+    """The CNN the options ask for, and a line saying what it is."""
+    from rimnet.predictor import load_model
+
+    if no_cnn:
+        return None, "none (rule-based only)"
+    if model_dir is None:
+        return default_like_model(patch_voxels or 32, tta=tta, n_folds=folds,
+                                  precision=precision)
+    model = load_model(model_dir, tta=tta, folds=list(range(folds)) if folds else None,
+                       precision=precision)
+    what = f"{model!r} from {model_dir}"
+    if patch_voxels:  # the networks pool globally, so they take any patch size
+        p = int(patch_voxels)
+        model.config = {**model.config, "patch_voxels": p, "patch_mm": float(p)}
+        model.patch_voxels, model.patch_mm = p, float(p)
+        what += f", run on {p} mm / {p}-sample patches (speed only)"
+    return model, what
 
 
 def load_avg() -> str:
@@ -209,6 +232,77 @@ def throughput(predictor, scans, out_dir: Path, *, repeats: int, label: str) -> 
     return figures
 
 
+def _score_share(index: int, jobs: int, cpus: list, model_kw: dict, dirs: tuple,
+                 out_dir: str, repeats: int, barrier, queue) -> None:
+    """One of ``--jobs`` processes: pinned to ``cpus``, scores scans index, index + jobs, ...
+
+    Puts ``(index, [(lesions, per-lesion path s, whole pass s), ...])`` on ``queue``; every
+    pass starts at the same moment in all processes (``barrier``).
+    """
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    os.environ["OMP_NUM_THREADS"] = str(max(len(cpus), 1))
+    import torch
+
+    torch.set_num_threads(max(len(cpus), 1))
+    from rimnet.predictor import Predictor, collect_scans
+
+    model, _ = make_model(**model_kw)
+    bids, les, qsm = dirs
+    pred = Predictor(model, bids_dir=bids, qsm_dir=qsm, review=False)
+    scans = collect_scans(les)[index::jobs]
+    pred.predict_scan(scans[0], Path(out_dir))  # warm-up
+    passes = []
+    for _ in range(repeats):
+        barrier.wait()
+        n, path = 0, 0.0
+        t0 = time.perf_counter()
+        for scan in scans:
+            res = pred.predict_scan(scan, Path(out_dir))
+            path += sum(res.timings_s.get(k, 0.0) for k in STAGES)
+            n += len(res.table)
+        passes.append((n, path, time.perf_counter() - t0))
+    queue.put((index, passes))
+
+
+def throughput_in_processes(model_kw: dict, dirs: tuple, out_dir: Path, *, jobs: int,
+                            repeats: int) -> list[float]:
+    """The per-lesion path in ``jobs`` pinned processes at once (``qsmrim predict --jobs``).
+
+    Each process scores its share of the scans on its own cores; a pass starts in all of
+    them together. Prints, per pass, the summed per-lesion-path throughput of the processes
+    (sum of lesions / path seconds) and the all-in rate (all lesions over the slowest
+    process's whole pass, loading and labelling included).
+    """
+    import multiprocessing
+
+    from qsm_core.workers import cpu_groups
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(jobs), ctx.Queue()
+    procs = [ctx.Process(target=_score_share, args=(i, jobs, g, model_kw, dirs, str(out_dir),
+                                                     repeats, barrier, queue))
+             for i, g in enumerate(cpu_groups(jobs))]
+    for p in procs:
+        p.start()
+    results = dict(queue.get() for _ in procs)
+    for p in procs:
+        p.join()
+    figures = []
+    for rep in range(repeats):
+        rows = [results[i][rep] for i in range(jobs)]
+        n = sum(r[0] for r in rows)
+        path_rate = sum(r[0] / r[1] for r in rows)
+        all_in = n / max(r[2] for r in rows)
+        figures.append(path_rate)
+        shares = ", ".join(f"{r[0]} lesions in {r[1]:.2f} s" for r in rows)
+        print(f"[{jobs} processes] pass {rep + 1}/{repeats}: {shares}; per-lesion path "
+              f"{path_rate:.0f} lesions/s (target >= 500: "
+              f"{'PASS' if path_rate >= 500 else 'FAIL'}); all-in {all_in:.0f} lesions/s; "
+              f"load average {load_avg()}")
+    return figures
+
+
 def batch_prefetch(predictor, scans, out_dir: Path, *, repeats: int) -> list[float]:
     """Whole ``run_batch`` wall (load, score, write) without and with prefetch, interleaved.
 
@@ -254,6 +348,10 @@ def main(argv=None) -> int:
                     help="speed only: cut P-sample patches of P mm (1 mm sampling) and run the "
                          "model's networks on them, as a model trained on that size would run "
                          "(the scores are meaningless)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="score the synthetic scans in this many processes at once, each "
+                         "pinned to its share of the cores (qsmrim predict --jobs); "
+                         "--threads is then ignored")
     ap.add_argument("--bids", help="BIDS dataset (FLAIR; raw MEGRE for the recon timing)")
     ap.add_argument("--lesions", help="lesion-map folder of --bids")
     ap.add_argument("--qsm", help="Chimaps of --bids: measure the throughput on these scans")
@@ -266,23 +364,13 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from rimnet.predictor import Predictor, collect_scans, default_model_dir, load_model
+    from rimnet.predictor import Predictor, collect_scans, default_model_dir
 
     model_dir = args.model or (default_model_dir() if default_model_dir().is_dir() else None)
-    if args.no_cnn:
-        model, what = None, "none (rule-based only)"
-    elif model_dir is not None:
-        folds = list(range(args.folds)) if args.folds else None
-        model = load_model(model_dir, tta=args.tta, folds=folds, precision=args.precision)
-        what = f"{model!r} from {model_dir}"
-        if args.patch_voxels:  # the networks pool globally, so they take any patch size
-            p = int(args.patch_voxels)
-            model.config = {**model.config, "patch_voxels": p, "patch_mm": float(p)}
-            model.patch_voxels, model.patch_mm = p, float(p)
-            what += f", run on {p} mm / {p}-sample patches (speed only)"
-    else:
-        model, what = default_like_model(args.patch_voxels or 32, tta=args.tta,
-                                         n_folds=args.folds, precision=args.precision)
+    model_kw = dict(model_dir=None if model_dir is None else str(model_dir),
+                    no_cnn=args.no_cnn, tta=args.tta, folds=args.folds,
+                    precision=args.precision, patch_voxels=args.patch_voxels)
+    model, what = make_model(**model_kw)
     print(f"threads={args.threads} (torch {torch.get_num_threads()})  CNN: {what}")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_predict_"))
@@ -292,9 +380,13 @@ def main(argv=None) -> int:
             args.seed), n_scans=args.scans)
         print(f"synthetic: {args.scans} scans {SHAPE} at 1 mm, {n} lesion blobs written in "
               f"{time.perf_counter() - t0:.1f} s")
-        pred = Predictor(model, bids_dir=bids, qsm_dir=qsm, review=False)
-        throughput(pred, collect_scans(les), tmp / "out", repeats=args.repeats,
-                   label="synthetic")
+        if args.jobs > 1:
+            throughput_in_processes(model_kw, (bids, les, qsm), tmp / "out_jobs",
+                                    jobs=args.jobs, repeats=args.repeats)
+        else:
+            pred = Predictor(model, bids_dir=bids, qsm_dir=qsm, review=False)
+            throughput(pred, collect_scans(les), tmp / "out", repeats=args.repeats,
+                       label="synthetic")
         if args.bids and args.lesions and args.qsm:
             pred = Predictor(model, bids_dir=args.bids, qsm_dir=args.qsm, review=False)
             scans = collect_scans(args.lesions, participant_labels=args.participant_label)

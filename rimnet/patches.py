@@ -275,7 +275,7 @@ def patch_coordinates(centre_vox, *, voxel_size_mm, patch_mm: float,
 
 
 def snap_centres(centres_vox: np.ndarray, *, voxel_size_mm, patch_mm: float,
-                 patch_voxels: int, tol: float = 1e-3) -> np.ndarray:
+                 patch_voxels: int, tol: float = 1e-3, runs_back=None) -> np.ndarray:
     """Move patch centres by < 1/2 voxel so that the patch samples land on voxel centres.
 
     Along each axis where the patch spacing is a whole number of voxels (e.g. 1 mm samples of
@@ -293,6 +293,12 @@ def snap_centres(centres_vox: np.ndarray, *, voxel_size_mm, patch_mm: float,
         Patch side (mm) and samples per side.
     tol : float
         How close to a whole number (in voxels) the sample spacing must be.
+    runs_back : sequence of 3 bools, optional
+        Array axes that run towards lower world coordinates (left, posterior, inferior;
+        :func:`patch_axes`). A centre exactly halfway between two snapped positions (a
+        centre on a voxel, with an even ``patch_voxels``) goes to the one further along the
+        world axis, so a scan stored in any orientation gives the same crop. Default: every
+        axis runs forward (RAS storage).
 
     Returns
     -------
@@ -301,11 +307,15 @@ def snap_centres(centres_vox: np.ndarray, *, voxel_size_mm, patch_mm: float,
     """
     cents = np.array(centres_vox, dtype=float).reshape(-1, 3)
     step_vox = (patch_mm / patch_voxels) / np.asarray(voxel_size_mm, dtype=float)
+    back = (False, False, False) if runs_back is None else tuple(bool(b) for b in runs_back)
     for a in snappable_axes(voxel_size_mm, patch_mm=patch_mm, patch_voxels=patch_voxels,
                             tol=tol):
         whole = np.round(step_vox[a])
         half = (patch_voxels - 1) / 2.0 * whole
-        cents[:, a] = np.floor(cents[:, a] - half + 0.5) + half
+        if back[a]:  # ties towards lower array index = higher world coordinate
+            cents[:, a] = np.ceil(cents[:, a] - half - 0.5) + half
+        else:
+            cents[:, a] = np.floor(cents[:, a] - half + 0.5) + half
     return cents
 
 
@@ -611,8 +621,14 @@ def extract_patches(volumes: dict[str, np.ndarray], lesion_labels: np.ndarray,
     else:
         cents = np.asarray(centroids_vox, dtype=float).reshape(n, 3)
     if snap_to_voxels:
+        runs_back = None
+        if affine is not None:
+            axes, flips = patch_axes(affine)
+            runs_back = [False] * 3
+            for w in range(3):
+                runs_back[axes[w]] = flips[w]
         cents = snap_centres(cents, voxel_size_mm=vs, patch_mm=patch_mm,
-                             patch_voxels=patch_voxels)
+                             patch_voxels=patch_voxels, runs_back=runs_back)
     on_grid = _on_grid_lesions(cents, labels.shape, voxel_size_mm=vs, patch_mm=patch_mm,
                                patch_voxels=patch_voxels)
     fast = np.flatnonzero(on_grid)

@@ -780,14 +780,16 @@ def _scan_files(out_dir: Path, scan: ScanInputs) -> tuple[Path, Path]:
 
 
 def run_batch(scans: list[ScanInputs], out_dir, *, predictor: Predictor,
-              overwrite: bool = False, progress: bool = True, prefetch: bool = True) -> dict:
-    """Process scans one by one, isolating failures; skip finished ones unless ``overwrite``.
+              overwrite: bool = False, progress: bool = True, prefetch: bool = True,
+              jobs: int = 1, worker_predictor=None) -> dict:
+    """Process scans, isolating failures; skip finished ones unless ``overwrite``.
 
     Parameters
     ----------
     scans : list of ScanInputs
     out_dir : str or Path
     predictor : Predictor
+        Scores the scans when ``jobs`` is 1; its provenance goes to ``predict.json``.
     overwrite : bool
         Recompute scans that are already done.
     progress : bool
@@ -795,6 +797,16 @@ def run_batch(scans: list[ScanInputs], out_dir, *, predictor: Predictor,
     prefetch : bool
         Read the next scan's files (:meth:`Predictor.read_scan_files`) in a background
         thread while the current one is scored; at most two scans are in memory at once.
+        Only with ``jobs`` = 1.
+    jobs : int
+        Scans scored side by side in this many spawned worker processes, each pinned to its
+        own share of the CPUs (:func:`qsm_core.workers.pinned_pool`) and holding one scan at
+        a time. The outputs do not depend on it (each scan is scored by the same code with
+        the same model).
+    worker_predictor : callable, optional
+        Needed when ``jobs`` > 1: builds the predictor in each worker (called once there);
+        picklable, e.g. a module-level function or a ``functools.partial`` of one, and
+        building a predictor with the same provenance as ``predictor``.
 
     Returns
     -------
@@ -806,6 +818,10 @@ def run_batch(scans: list[ScanInputs], out_dir, *, predictor: Predictor,
 
     from tqdm.auto import tqdm
 
+    if not (isinstance(jobs, int) and jobs >= 1):
+        raise InputError(f"jobs must be an integer >= 1, got {jobs!r}")
+    if jobs > 1 and worker_predictor is None:
+        raise InputError("jobs > 1 needs worker_predictor (a picklable predictor factory)")
     out_dir = Path(out_dir)
     prov = json.loads(json.dumps(predictor.provenance(), default=str))
     prov_path = out_dir / "predict.json"
@@ -828,38 +844,115 @@ def run_batch(scans: list[ScanInputs], out_dir, *, predictor: Predictor,
             log.info("%s: already done; skipped", scan.name)
         else:
             todo.append(scan)
-    bar = tqdm(todo, desc="qsmrim predict", unit="scan", file=sys.stderr,
+    bar = tqdm(total=len(todo), desc="qsmrim predict", unit="scan", file=sys.stderr,
                disable=not progress)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="qsmrim-prefetch") if prefetch else None
-    pending = None  # the prefetch of the scan whose turn is next
     try:
-        for i, scan in enumerate(bar):
-            failed = _scan_files(out_dir, scan)[1]
+        if jobs > 1 and len(todo) > 1:
+            results = _score_in_workers(todo, out_dir, min(jobs, len(todo)), worker_predictor)
+        else:
+            results = _score_here(todo, out_dir, predictor, prefetch)
+        for scan, failure in results:
             bar.set_postfix_str(scan.name, refresh=False)
-            try:
-                files = pending.result() if pending is not None else None
-                pending = None
-                if pool is not None and i + 1 < len(todo):
-                    pending = pool.submit(predictor.read_scan_files, todo[i + 1], out_dir)
-                predictor.process_scan(scan, out_dir, files=files)
+            bar.update()
+            if failure is None:
                 done.append(scan.name)
-            except (KeyboardInterrupt, MemoryError):
-                raise
-            except Exception as exc:
-                if not isinstance(exc, QSMRimError):
-                    log.error("%s: failed\n%s", scan.name, traceback.format_exc())
-                rec = {"scan": scan.name, "participant_id": scan.participant_id,
-                       "session_id": scan.session_id, "error_type": type(exc).__name__,
-                       "message": " ".join(str(exc).split())}
-                failures.append(rec)
-                write_json(failed, rec)
-                tqdm.write(f"qsmrim predict: {scan.name} failed: {rec['message']}",
+            else:
+                failures.append(failure)
+                tqdm.write(f"qsmrim predict: {scan.name} failed: {failure['message']}",
                            file=sys.stderr)
     finally:
         bar.close()
+    order = {scan.name: i for i, scan in enumerate(todo)}  # workers finish in any order
+    done.sort(key=order.__getitem__)
+    failures.sort(key=lambda f: order[f["scan"]])
+    return {"done": done, "skipped": skipped, "failures": failures}
+
+
+def _score_isolated(predictor: Predictor, scan: ScanInputs, out_dir: Path,
+                    files: dict | None = None) -> dict | None:
+    """Process one scan; on failure write its ``_failed.json`` and return the record."""
+    try:
+        predictor.process_scan(scan, out_dir, files=files)
+        return None
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        if not isinstance(exc, QSMRimError):
+            log.error("%s: failed\n%s", scan.name, traceback.format_exc())
+        return _record_failure(out_dir, scan, type(exc).__name__, str(exc))
+
+
+def _record_failure(out_dir: Path, scan: ScanInputs, error_type: str, message: str) -> dict:
+    rec = {"scan": scan.name, "participant_id": scan.participant_id,
+           "session_id": scan.session_id, "error_type": error_type,
+           "message": " ".join(message.split())}
+    write_json(_scan_files(out_dir, scan)[1], rec)
+    return rec
+
+
+def _score_here(todo: list[ScanInputs], out_dir: Path, predictor: Predictor, prefetch: bool):
+    """Scans one after the other in this process; yields ``(scan, failure or None)``."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="qsmrim-prefetch") if prefetch else None
+    pending = None  # the prefetch of the scan whose turn is next
+    try:
+        for i, scan in enumerate(todo):
+            try:
+                files = pending.result() if pending is not None else None
+            except Exception as exc:  # the read failed: process_scan reads again and says why
+                log.debug("%s: prefetch failed (%s)", scan.name, exc)
+                files = None
+            pending = None
+            if pool is not None and i + 1 < len(todo):
+                pending = pool.submit(predictor.read_scan_files, todo[i + 1], out_dir)
+            yield scan, _score_isolated(predictor, scan, out_dir, files)
+    finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    return {"done": done, "skipped": skipped, "failures": failures}
+
+
+_WORKER_PREDICTOR: list[Predictor] = []
+
+
+def _start_worker(worker_predictor) -> None:
+    """In a pinned worker: torch on this worker's cores, then build its predictor."""
+    from qsm_core.workers import worker_cpus
+
+    cpus = worker_cpus()
+    if cpus:
+        import torch
+
+        torch.set_num_threads(len(cpus))
+    _WORKER_PREDICTOR[:] = [worker_predictor()]
+
+
+def _score_in_worker(scan: ScanInputs, out_dir: Path) -> dict | None:
+    return _score_isolated(_WORKER_PREDICTOR[0], scan, out_dir)
+
+
+def _score_in_workers(todo: list[ScanInputs], out_dir: Path, n_jobs: int, worker_predictor):
+    """Scans in ``n_jobs`` pinned worker processes; yields ``(scan, failure or None)``."""
+    from concurrent.futures import as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    from qsm_core.workers import pinned_pool
+
+    log.info("scoring %d scans in %d processes", len(todo), n_jobs)
+    pool = pinned_pool(n_jobs, initializer=_start_worker, initargs=(worker_predictor,))
+    try:
+        futures = {pool.submit(_score_in_worker, scan, out_dir): scan for scan in todo}
+        for fut in as_completed(futures):
+            scan = futures[fut]
+            try:
+                failure = fut.result()
+            except BrokenProcessPool:  # a worker died (killed, out of memory): pool is gone
+                failure = _record_failure(
+                    out_dir, scan, "WorkerDied",
+                    f"a predict worker process died before {scan.name} finished (killed, or "
+                    f"out of memory: each of the {n_jobs} workers holds one scan); rerun "
+                    "with fewer --jobs, finished scans are skipped")
+            yield scan, failure
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def merge_outputs(out_dir) -> dict:

@@ -4,7 +4,7 @@
 
     qsmrim predict BIDS_DIR OUT_DIR --lesions DERIV_DIR [--model DIR | --no-cnn]
                    [--participant-label L ...] [--qsm DERIV_DIR] [--shard I/N]
-                   [--device cpu|cuda] [--no-review] [--overwrite]
+                   [--jobs N] [--device cpu|cuda] [--no-review] [--overwrite]
     qsmrim predict BIDS_DIR OUT_DIR --merge      # merge the shards of a job array
 
 Scans come from the lesion maps ``*_desc-lesion_mask.nii.gz`` of ``--lesions``; QSM from
@@ -16,12 +16,13 @@ the others finish (exit status 1 if any scan failed). See :mod:`rimnet.predictor
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from pathlib import Path
 
 from qsm_core.errors import InputError
-from qsmrim.cli import add_no_progress
+from qsmrim.cli import add_no_progress, picklable_options
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "predict") -> None:
         "  qsmrim predict bids/ out/ --lesions bids/derivatives/lesions\n"
         "  qsmrim predict bids/ out/ --lesions les/ --qsm bids/derivatives/qsmrim --no-cnn\n"
         "  qsmrim predict bids/ out/ --lesions les/ --shard $SLURM_ARRAY_TASK_ID/8\n"
+        "  qsmrim predict bids/ out/ --lesions les/ --qsm qsm/ --jobs 2  # 2 scans at once\n"
         "outputs: OUT_DIR/{predictions,subjects,failures}.tsv, index.html, predict.json and\n"
         "  per scan sub-L/[ses-S/]<name>_{predictions.tsv,desc-lesion_dseg.nii.gz,\n"
         "  desc-rim_probseg.nii.gz,scan.json}, review/<name>_lesion-<id>.png")
@@ -54,6 +56,9 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "predict") -> None:
     parser.add_argument("--shard", metavar="I/N",
                         help="process shard I (0-based) of N, for job arrays; merge with "
                              "--merge afterwards")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="score N scans side by side in N processes, each pinned to its "
+                             "share of the CPU cores (default 1; CPU only)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="device for the CNN and the reconstruction (default: cpu)")
     parser.add_argument("--tta", choices=("none", "flip", "d4", "d4z"),
@@ -77,13 +82,22 @@ def add_parser(parser: argparse.ArgumentParser, name: str = "predict") -> None:
     add_no_progress(parser)
 
 
+def _predictor(args):
+    """The predictor ``args`` ask for (also built in each worker of ``--jobs``)."""
+    from rimnet.predictor import Predictor, default_model_dir, load_model
+
+    model = None if args.no_cnn else load_model(args.model, device=args.device, tta=args.tta,
+                                                folds=args.folds, precision=args.precision)
+    return Predictor(model, cnn_threshold=args.cnn_threshold,
+                     min_long_axis_mm=args.min_long_axis_mm, bids_dir=Path(args.bids_dir),
+                     qsm_dir=args.qsm, device=args.device, review=not args.no_review,
+                     model_dir=None if model is None else (args.model or default_model_dir()))
+
+
 def run(args) -> int:
     """Run ``qsmrim predict``; returns the exit status."""
     from rimnet.predictor import (
-        Predictor,
-        default_model_dir,
         find_lesion_maps,
-        load_model,
         merge_outputs,
         parse_shard,
         run_batch,
@@ -113,6 +127,11 @@ def run(args) -> int:
         raise InputError("give --model or --no-cnn, not both")
     if args.cnn_threshold is not None and not 0 <= args.cnn_threshold <= 1:
         raise InputError(f"--cnn-threshold {args.cnn_threshold}: must lie in [0, 1]")
+    if args.jobs < 1:
+        raise InputError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs > 1 and args.device != "cpu":
+        raise InputError(f"--jobs {args.jobs} runs scans side by side on the CPU; on a GPU "
+                         "give --jobs 1")
     if args.device == "cuda":
         import torch
 
@@ -123,14 +142,11 @@ def run(args) -> int:
     mine = select_shard(scans, shard_i, shard_n)
     if args.no_cnn and (args.tta or args.folds or args.precision != "fp32"):
         raise InputError("--tta/--folds/--precision need the CNN; drop --no-cnn")
-    model = None if args.no_cnn else load_model(args.model, device=args.device, tta=args.tta,
-                                                folds=args.folds, precision=args.precision)
-    predictor = Predictor(model, cnn_threshold=args.cnn_threshold,
-                          min_long_axis_mm=args.min_long_axis_mm, bids_dir=bids_dir,
-                          qsm_dir=args.qsm, device=args.device, review=not args.no_review,
-                          model_dir=None if model is None else (args.model or default_model_dir()))
+    predictor = _predictor(args)
     summary = run_batch(mine, out_dir, predictor=predictor, overwrite=args.overwrite,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, jobs=args.jobs,
+                        worker_predictor=functools.partial(_predictor,
+                                                           picklable_options(args)))
     merged = merge_outputs(out_dir)
     n_fail = len(summary["failures"])
     shard_txt = f" (shard {shard_i}/{shard_n}: {len(mine)} of {len(scans)} scans)" \

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from qsm_core.errors import InputError, QSMRimError
-from qsmrim.cli import add_no_progress
+from qsm_core.workers import pinned_pool
+from qsmrim.cli import add_no_progress, picklable_options
 
 logger = logging.getLogger(__name__)
 
@@ -306,26 +305,6 @@ def _run_here(args, scans, out_dir, bids_dir, run_params, bar):
         bar.update()
 
 
-def _cpu_groups(n_groups: int) -> list[list[int]]:
-    """The CPUs this process may use, dealt out into ``n_groups`` disjoint groups."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux: no pinning
-        return [[] for _ in range(n_groups)]
-    return [cpus[i::n_groups] or [cpus[i % len(cpus)]] for i in range(n_groups)]
-
-
-def _init_worker(groups, counter, log_level) -> None:
-    """Pin this worker to its own group of CPUs (so it runs as many threads as it has)."""
-    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
-    with counter.get_lock():
-        index = counter.value
-        counter.value += 1
-    group = groups[index % len(groups)]
-    if group:
-        os.sched_setaffinity(0, group)
-
-
 def _worker_scan(args, scan, out_dir, bids_dir, run_params):
     return scan.name, _process_scan(args, scan, out_dir, bids_dir, run_params,
                                     lambda stage: None)
@@ -337,19 +316,13 @@ def _run_in_workers(args, scans, out_dir, bids_dir, run_params, bar):
 
     Yields each scan's failure record (or None) as it finishes; the bar shows the last one.
     """
-    import multiprocessing
     from concurrent.futures import as_completed
     from concurrent.futures.process import BrokenProcessPool
 
     n_jobs = min(args.jobs, len(scans))
-    # the options without the parser's own entries (the subcommand module does not pickle)
-    args = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
-    ctx = multiprocessing.get_context("spawn")  # no forked numba/OpenMP thread pools
-    counter = ctx.Value("i", 0)
+    args = picklable_options(args)
     logger.info("reconstructing %d scans in %d processes", len(scans), n_jobs)
-    pool = ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx, initializer=_init_worker,
-                               initargs=(_cpu_groups(n_jobs), counter,
-                                         logging.getLogger().getEffectiveLevel()))
+    pool = pinned_pool(n_jobs)
     try:
         futures = {pool.submit(_worker_scan, args, scan, out_dir, bids_dir, run_params): scan
                    for scan in scans}

@@ -84,6 +84,36 @@ def test_shards_then_merge_equal_a_single_run(tmp_path, rng, capsys):
     pd.testing.assert_frame_equal(a, b)
 
 
+def test_jobs_score_like_one_process_and_isolate_failures(tmp_path, rng, capsys):
+    """--jobs 2 (two pinned worker processes) writes the same tables as one process,
+    records a broken scan and skips finished scans on the rerun."""
+    make_dataset(tmp_path, rng, n_scans=5)
+    model = _tiny_model(tmp_path / "model")
+    common = ["--lesions", str(tmp_path / "les"), "--qsm", str(tmp_path / "qsm"), "--model",
+              str(model), "--tta", "none", "--no-review", "--no-progress"]
+    bids = str(tmp_path / "bids")
+    assert main(["predict", bids, str(tmp_path / "one"), *common]) == 0
+    (tmp_path / "qsm" / "sub-03" / "anat" / "sub-03_Chimap.nii.gz").write_bytes(b"corrupt")
+    assert main(["predict", bids, str(tmp_path / "two"), *common, "--jobs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "4 scan(s) scored, 0 skipped (already done), 1 failed" in err
+    fails = pd.read_csv(tmp_path / "two" / "failures.tsv", sep="\t")
+    assert fails["scan"].tolist() == ["sub-03"]
+    assert "sub-03_Chimap.nii.gz" in fails.loc[0, "message"]
+    marker = tmp_path / "two" / "sub-03" / "sub-03_failed.json"
+    assert json.loads(marker.read_text())["scan"] == "sub-03"
+    one = pd.read_csv(tmp_path / "one" / "predictions.tsv", sep="\t")
+    two = pd.read_csv(tmp_path / "two" / "predictions.tsv", sep="\t")
+    pd.testing.assert_frame_equal(two, one[one["participant_id"] != "sub-03"]
+                                  .reset_index(drop=True), atol=1e-6)
+    write_scan(tmp_path, "sub-03", rng)
+    assert main(["predict", bids, str(tmp_path / "two"), *common, "--jobs", "2"]) == 0
+    assert "1 scan(s) scored, 4 skipped" in capsys.readouterr().err
+    assert not marker.exists()
+    assert main(["predict", bids, str(tmp_path / "x"), *common, "--jobs", "0"]) == 2
+    assert "--jobs" in capsys.readouterr().err
+
+
 def test_model_errors_are_clear(tmp_path, rng, capsys):
     make_dataset(tmp_path, rng, n_scans=1)
     base = ["predict", str(tmp_path / "bids"), str(tmp_path / "out"), "--lesions",

@@ -269,9 +269,9 @@ def test_jobs_give_the_same_maps_and_isolate_failures(tmp_path, capsys):
 
 
 class _PoolWithADeadWorker:
-    """Stands in for ProcessPoolExecutor: the first scan runs here, then the pool breaks."""
+    """Stands in for the worker pool: the first scan runs here, then the pool breaks."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, *args, **kwargs):
         self.n = 0
 
     def submit(self, fn, *args):
@@ -296,7 +296,7 @@ def test_a_dead_worker_is_recorded_and_the_rerun_finishes(tmp_path, rng, monkeyp
     raw, out = tmp_path / "raw", tmp_path / "out"
     _cohort(raw, rng)
     monkeypatch.setitem(sys.modules, "qsm_core.pipeline", FakePipeline().module())
-    monkeypatch.setattr(recon, "ProcessPoolExecutor", _PoolWithADeadWorker)
+    monkeypatch.setattr(recon, "pinned_pool", _PoolWithADeadWorker)
     assert main(["recon", str(raw), str(out), "--jobs", "2"]) == 1
     err = capsys.readouterr().err
     assert "1 scan(s) reconstructed, 0 skipped (already done), 2 failed" in err

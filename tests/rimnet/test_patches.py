@@ -98,6 +98,13 @@ def test_patches_come_out_in_ras_order_however_the_scan_is_stored(rng):
                           [3, 5], affine=aff2, **kw)
     assert np.abs(raw - ref).max() > 0.5  # in storage order the patches differ
     np.testing.assert_allclose(new, ref, atol=1e-5)
+    # snapped crops of an even size: lesion 5's centre lies on a voxel, halfway between two
+    # crops; the tie goes the same way in the world however the scan is stored
+    kw.update(patch_mm=16.0, patch_voxels=16, snap_to_voxels=True)
+    ref = extract_patches({"qsm": chi, "flair": flair}, labels, [3, 5], affine=aff, **kw)
+    new = extract_patches({"qsm": stored(chi), "flair": stored(flair)}, stored(labels),
+                          [3, 5], affine=aff2, **kw)
+    np.testing.assert_array_equal(new, ref)
 
 
 def test_edge_lesion_uses_edge_padding():
