@@ -236,7 +236,8 @@ def _score_share(index: int, jobs: int, cpus: list, model_kw: dict, dirs: tuple,
                  out_dir: str, repeats: int, barrier, queue) -> None:
     """One of ``--jobs`` processes: pinned to ``cpus``, scores scans index, index + jobs, ...
 
-    Puts ``(index, [(lesions, per-lesion path s, whole pass s), ...])`` on ``queue``; every
+    Puts ``(index, [(lesions, per-lesion path s, whole pass s, {stage: s}), ...])`` on
+    ``queue``; every
     pass starts at the same moment in all processes (``barrier``).
     """
     if cpus:
@@ -255,13 +256,14 @@ def _score_share(index: int, jobs: int, cpus: list, model_kw: dict, dirs: tuple,
     passes = []
     for _ in range(repeats):
         barrier.wait()
-        n, path = 0, 0.0
+        n, stages = 0, dict.fromkeys(STAGES, 0.0)
         t0 = time.perf_counter()
         for scan in scans:
             res = pred.predict_scan(scan, Path(out_dir))
-            path += sum(res.timings_s.get(k, 0.0) for k in STAGES)
+            for k in STAGES:
+                stages[k] += res.timings_s.get(k, 0.0)
             n += len(res.table)
-        passes.append((n, path, time.perf_counter() - t0))
+        passes.append((n, sum(stages.values()), time.perf_counter() - t0, stages))
     queue.put((index, passes))
 
 
@@ -270,9 +272,10 @@ def throughput_in_processes(model_kw: dict, dirs: tuple, out_dir: Path, *, jobs:
     """The per-lesion path in ``jobs`` pinned processes at once (``qsmrim predict --jobs``).
 
     Each process scores its share of the scans on its own cores; a pass starts in all of
-    them together. Prints, per pass, the summed per-lesion-path throughput of the processes
-    (sum of lesions / path seconds) and the all-in rate (all lesions over the slowest
-    process's whole pass, loading and labelling included).
+    them together. Prints, per pass, each process's lesions, per-lesion path seconds and
+    ms per lesion of each stage (patches / rule / CNN), the summed per-lesion-path
+    throughput of the processes (sum of lesions / path seconds) and the all-in rate (all
+    lesions over the slowest process's whole pass, loading and labelling included).
     """
     import multiprocessing
 
@@ -295,7 +298,8 @@ def throughput_in_processes(model_kw: dict, dirs: tuple, out_dir: Path, *, jobs:
         path_rate = sum(r[0] / r[1] for r in rows)
         all_in = n / max(r[2] for r in rows)
         figures.append(path_rate)
-        shares = ", ".join(f"{r[0]} lesions in {r[1]:.2f} s" for r in rows)
+        shares = ", ".join(f"{r[0]} lesions in {r[1]:.2f} s (" + " / ".join(
+            f"{1e3 * r[3][k] / r[0]:.2f}" for k in STAGES) + ")" for r in rows)
         print(f"[{jobs} processes] pass {rep + 1}/{repeats}: {shares}; per-lesion path "
               f"{path_rate:.0f} lesions/s (target >= 500: "
               f"{'PASS' if path_rate >= 500 else 'FAIL'}); all-in {all_in:.0f} lesions/s; "

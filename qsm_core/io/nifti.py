@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from isal import igzip
 
 from qsm_core.errors import InputError
 from qsm_core.io.atomic import atomic_path
 
-__all__ = ["load_nifti", "save_nifti"]
+__all__ = ["load_nifti", "save_nifti", "write_image", "GZIP_LEVEL"]
+
+
+#: gzip level of written ``.nii.gz`` files (nibabel's default too): level 1 is within 1-2 %
+#: of the size of higher levels for noisy float images, and several times faster.
+GZIP_LEVEL = 1
 
 
 def _read_image(path: Path):
     """The NIfTI-1/2 image at ``path``; a ``.gz`` file is decompressed in one call.
 
-    nibabel streams a gzipped image through :mod:`gzip` in small reads; decompressing the
-    whole file at once and parsing the bytes took 0.13-0.14 s instead of 0.17-0.20 s for a
-    1 mm Chimap (28 MB) on the development machine.
+    nibabel streams a gzipped image through :mod:`gzip` in small reads. Decompressing the
+    whole file at once with ISA-L (:mod:`isal.igzip`, the same DEFLATE format) and parsing
+    the bytes took 0.065 s for a 1 mm Chimap (28 MB) against 0.143 s with :mod:`gzip` on
+    the development machine, and 0.17-0.20 s for nibabel's streamed read.
     """
     if path.name.lower().endswith(".gz"):
-        raw = gzip.decompress(path.read_bytes())
+        raw = igzip.decompress(path.read_bytes())
         sizeof_hdr = {int.from_bytes(raw[:4], order) for order in ("little", "big")}
         klass = nib.Nifti2Image if 540 in sizeof_hdr else nib.Nifti1Image
         return klass.from_bytes(raw)
@@ -100,6 +106,31 @@ def save_nifti(path, data: np.ndarray, affine: np.ndarray, *, dtype=None,
     img.set_sform(img.affine, code=1)
     if description:
         img.header["descrip"] = description[:79].encode()
+    return write_image(img, path)
+
+
+def write_image(img, path) -> Path:
+    """Write a nibabel NIfTI image atomically; ``.nii.gz`` is compressed with ISA-L.
+
+    The file is what ``nib.save`` writes (gzip level :data:`GZIP_LEVEL`, modification time
+    0 in the gzip header, so equal images give equal files), made with
+    :func:`isal.igzip.compress`: 0.055 s instead of 0.49 s for a 1 mm float32 volume
+    (28 MB) on the development machine.
+
+    Parameters
+    ----------
+    img : nibabel.Nifti1Image or nibabel.Nifti2Image
+    path : str or Path
+        ``.nii`` or ``.nii.gz``.
+
+    Returns
+    -------
+    Path
+    """
+    path = Path(path)
     with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return Path(path)
+        if path.name.lower().endswith(".gz"):
+            tmp.write_bytes(igzip.compress(img.to_bytes(), compresslevel=GZIP_LEVEL, mtime=0))
+        else:
+            nib.save(img, str(tmp))
+    return path

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from qsm_core.errors import InputError
-from qsm_core.io.nifti import load_nifti
+from qsm_core.io.nifti import load_nifti, write_image
 
 
 @pytest.mark.parametrize("klass", [nib.Nifti1Image, nib.Nifti2Image])
@@ -42,3 +42,22 @@ def test_truncated_gzip_names_the_file(tmp_path, rng):
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(InputError, match="cut.nii.gz: not a readable NIfTI"):
         load_nifti(path)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_written_file_is_what_nibabel_writes(tmp_path, rng, suffix):
+    """write_image (ISA-L gzip) gives a standard file: gzip and nibabel read back the bytes
+    nib.save would have compressed, and equal images give byte-identical files."""
+    img = nib.Nifti1Image(rng.normal(size=(9, 8, 7)).astype(np.float32), np.diag([1, 2, 3, 1.]))
+    img.header.set_xyzt_units("mm", "sec")
+    a, b = write_image(img, tmp_path / f"a{suffix}"), write_image(img, tmp_path / f"b{suffix}")
+    assert a.read_bytes() == b.read_bytes()
+    ref = tmp_path / f"ref{suffix}"
+    nib.save(img, ref)
+    if suffix == ".nii.gz":
+        assert gzip.decompress(a.read_bytes()) == gzip.decompress(ref.read_bytes())
+    else:
+        assert a.read_bytes() == ref.read_bytes()
+    np.testing.assert_array_equal(nib.load(a).get_fdata(), img.get_fdata())
+    np.testing.assert_array_equal(load_nifti(a)[0], img.get_fdata())
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temporary left

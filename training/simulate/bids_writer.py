@@ -31,7 +31,8 @@ import numpy as np
 
 from qsm_core import __version__
 from qsm_core.errors import InputError
-from qsm_core.io import atomic_path, save_nifti, write_json, write_text
+from qsm_core.io import save_nifti, write_json, write_text
+from qsm_core.io.nifti import write_image
 from qsm_core.io.tables import write_table
 
 __all__ = ["write_dataset", "session_paths", "write_session"]
@@ -66,9 +67,7 @@ def save_scaled_int16(path, data, affine, *, slope: float, wrap_steps: int | Non
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return Path(path)
+    return write_image(img, path)
 
 
 def session_paths(root, participant_id: str, session_id: str) -> dict:
