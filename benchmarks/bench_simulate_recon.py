@@ -2,7 +2,7 @@
 
     python benchmarks/bench_simulate_recon.py [--scans 3] [--voxel-size 1 1 1]
         [--scanner siemens] [--method ilsqr] [--truth-mask] [--max-tilt DEG]
-        [--background-blur VOXELS [VOXELS ...]]
+        [--background-blur VOXELS [VOXELS ...]] [--field-strength T [T ...]]
 
 Simulates a few MS scans (seed-study MS group: ~54 % PRLs) in memory, reconstructs each with
 :func:`qsm_core.pipeline.reconstruct` exactly as ``qsmrim recon`` would (computed brain mask
@@ -14,7 +14,8 @@ of chi against the simulator's truth (demeaned, on the voxels of both brain mask
 With several ``--background-blur`` values the same planned scans (same seed, anatomy,
 lesions, tilt and noise) are simulated once per value of the partial-volume blur of the
 susceptibility outside the brain (:func:`training.simulate.acquisition.blur_outside_brain`;
-0 = point-sampled air edges) and reconstructed, so the rows compare what the blur changes.
+0 = point-sampled air edges) and reconstructed, so the rows compare what the blur changes;
+``--field-strength`` does the same for B0 (e.g. ``1.5 3 7``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def main() -> None:
     p.add_argument("--background-blur", type=float, nargs="+", default=None,
                    metavar="VOXELS", help="blur(s) of the background sources to compare "
                    "(default: the simulator's)")
+    p.add_argument("--field-strength", type=float, nargs="+", default=None,
+                   metavar="TESLA", help="B0 value(s) to compare (default: the scanner "
+                   "preset's, 3 T)")
     args = p.parse_args()
 
     import pandas as pd
@@ -63,12 +67,17 @@ def main() -> None:
     from training.simulate.cohort import plan_cohort
 
     rows = []
-    for blur in args.background_blur or [BACKGROUND_BLUR_VOXELS]:
-        plan = plan_cohort("ms-only", n_subjects=args.scans, seed=args.seed,
-                           scanner=args.scanner, voxel_size_mm=tuple(args.voxel_size),
-                           max_tilt_deg=args.max_tilt, background_blur_voxels=blur)
-        for subj in plan.subjects:
-            rows += one_scan(plan, subj, args, label=f"background blur {blur:g}")
+    for b0 in args.field_strength or [None]:
+        for blur in args.background_blur or [BACKGROUND_BLUR_VOXELS]:
+            plan = plan_cohort("ms-only", n_subjects=args.scans, seed=args.seed,
+                               scanner=args.scanner, voxel_size_mm=tuple(args.voxel_size),
+                               max_tilt_deg=args.max_tilt, background_blur_voxels=blur,
+                               field_strength_t=b0)
+            label = f"background blur {blur:g}"
+            if b0 is not None:
+                label += f", {b0:g} T"
+            for subj in plan.subjects:
+                rows += one_scan(plan, subj, args, label=label)
     report(pd.DataFrame(rows))
 
 
