@@ -24,6 +24,7 @@ from qsm_core.errors import InputError
 from qsm_core.geometry import voxel_sizes_mm
 
 __all__ = [
+    "lesion_boxes",
     "is_binary_map",
     "label_lesions",
     "long_axis_mm",
@@ -109,9 +110,46 @@ def long_axis_mm(coords_vox: np.ndarray, voxel_size_mm) -> float:
     return dmax + float(np.sum(u * vs))
 
 
-def _present(slices) -> list[tuple[int, tuple]]:
-    """``(label, bounding box)`` of every label present, from :func:`ndimage.find_objects`."""
-    return [(i + 1, sl) for i, sl in enumerate(slices) if sl is not None]
+def lesion_boxes(labels: np.ndarray) -> list[tuple[int, tuple]]:
+    """``(label, bounding box)`` of every label present, in ascending label order.
+
+    The boxes are those of :func:`scipy.ndimage.find_objects` (tuples of slices), found from
+    the labelled voxels only: lesions fill a small part of a head volume.
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (X, Y, Z)
+        0 = background.
+
+    Returns
+    -------
+    list of (int, tuple of 3 slices)
+
+    Examples
+    --------
+    >>> lab = np.zeros((4, 5, 6), int); lab[1:3, 2, 0] = 7; lab[3, 4, 5] = 2
+    >>> [(k, [(b.start, b.stop) for b in box]) for k, box in lesion_boxes(lab)]
+    [(2, [(3, 4), (4, 5), (5, 6)]), (7, [(1, 3), (2, 3), (0, 1)])]
+    """
+    labels = np.asarray(labels)
+    # walk the voxels in memory order (NIfTI volumes are Fortran-ordered): a strided pass
+    # over a 1 mm head took 0.08 s, a contiguous one 0.006 s
+    flipped = labels.flags.f_contiguous and not labels.flags.c_contiguous
+    v = labels.T if flipped else np.ascontiguousarray(labels)
+    flat = np.flatnonzero(v != 0)
+    if flat.size == 0:
+        return []
+    lab = v.ravel()[flat]
+    order = np.argsort(lab, kind="stable")
+    lab = lab[order]
+    coords = np.unravel_index(flat[order], v.shape)
+    if flipped:
+        coords = coords[::-1]
+    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+    lo = [np.minimum.reduceat(c, starts) for c in coords]
+    hi = [np.maximum.reduceat(c, starts) + 1 for c in coords]
+    return [(int(lab[s]), tuple(slice(int(a[k]), int(b[k])) for a, b in zip(lo, hi)))
+            for k, s in enumerate(starts)]
 
 
 def label_lesions(lesion_map: np.ndarray, *, voxel_size_mm, min_long_axis_mm: float = 3.0,
@@ -143,9 +181,8 @@ def label_lesions(lesion_map: np.ndarray, *, voxel_size_mm, min_long_axis_mm: fl
             raise InputError(f"{name}: labels too large for int32")
         labels = m.astype(np.int32)
     if min_long_axis_mm > 0:
-        slices = ndimage.find_objects(labels)
         dropped = []
-        for lid, sl in _present(slices):
+        for lid, sl in lesion_boxes(labels):
             sub = labels[sl] == lid
             coords = np.argwhere(sub) + [s.start for s in sl]
             if long_axis_mm(coords, voxel_size_mm) < min_long_axis_mm:
@@ -248,7 +285,7 @@ def lesion_table(labels: np.ndarray, affine: np.ndarray, *, participant_id: str,
     labels = np.asarray(labels)
     affine = np.asarray(affine, float)
     vs = voxel_sizes_mm(affine)
-    present = _present(ndimage.find_objects(labels)) if labels.any() else []
+    present = lesion_boxes(labels)
     if not present:
         return pd.DataFrame(columns=LESION_COLUMNS)
     margin = np.ceil(neighbour_mm / vs).astype(int) + 1

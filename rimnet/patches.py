@@ -268,10 +268,28 @@ def patch_coordinates(centre_vox, *, voxel_size_mm, patch_mm: float,
     -------
     list of 3 ndarrays, each shape (patch_voxels,)
     """
-    vs = np.asarray(voxel_size_mm, dtype=float)
-    step_mm = patch_mm / patch_voxels
-    offs_mm = (np.arange(patch_voxels) - (patch_voxels - 1) / 2.0) * step_mm
-    return [float(centre_vox[a]) + offs_mm / vs[a] for a in range(3)]
+    offs = _sample_offsets_vox(voxel_size_mm, patch_mm=patch_mm, patch_voxels=patch_voxels)
+    return [float(centre_vox[a]) + offs[a] for a in range(3)]
+
+
+#: A sample spacing within this fraction of a whole number of voxels counts as whole:
+#: voxel sizes read from an oblique affine carry float error (0.99999997 mm for 1 mm).
+_WHOLE_STEP_RTOL = 1e-5
+
+
+def _sample_offsets_vox(voxel_size_mm, *, patch_mm: float, patch_voxels: int) -> np.ndarray:
+    """Offsets of the samples from the patch centre in voxels, shape (3, P).
+
+    Along an axis where the spacing is a whole number of voxels to within
+    :data:`_WHOLE_STEP_RTOL`, the offsets are exact multiples of that number, so snapped
+    samples land exactly on voxels (the batched crop of :func:`_extract_on_grid` applies).
+    """
+    step_vox = (patch_mm / patch_voxels) / np.asarray(voxel_size_mm, dtype=float)
+    whole = np.round(step_vox)
+    step_vox = np.where((whole >= 1) & (np.abs(step_vox - whole) <= _WHOLE_STEP_RTOL * whole),
+                        whole, step_vox)
+    k = np.arange(patch_voxels) - (patch_voxels - 1) / 2.0
+    return step_vox[:, None] * k[None, :]
 
 
 def snap_centres(centres_vox: np.ndarray, *, voxel_size_mm, patch_mm: float,
@@ -407,10 +425,8 @@ def map_threads(fn, items: list, *, min_items: int = 2) -> list:
 
 def _grid_axes(cents: np.ndarray, *, voxel_size_mm, patch_mm: float, patch_voxels: int):
     """Per-lesion sample positions as in :func:`patch_coordinates`, shape (N, 3, P)."""
-    vs = np.asarray(voxel_size_mm, dtype=float)
-    step_mm = patch_mm / patch_voxels
-    offs_mm = (np.arange(patch_voxels) - (patch_voxels - 1) / 2.0) * step_mm
-    return np.stack([cents[:, a, None] + (offs_mm / vs[a])[None, :] for a in range(3)], axis=1)
+    offs = _sample_offsets_vox(voxel_size_mm, patch_mm=patch_mm, patch_voxels=patch_voxels)
+    return cents[:, :, None] + offs[None, :, :]
 
 
 def _on_grid_lesions(cents: np.ndarray, shape, *, voxel_size_mm, patch_mm: float,

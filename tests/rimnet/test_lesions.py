@@ -6,6 +6,7 @@ from qsm_core.io.tables import validate_table
 from rimnet.lesions import (
     LESION_COLUMNS,
     label_lesions,
+    lesion_boxes,
     lesion_table,
     long_axis_mm,
     resample_labels_to,
@@ -107,3 +108,19 @@ def test_lesion_table_geometry():
     validate_table(t, "lesions")
     empty = lesion_table(np.zeros((5, 5, 5), np.int32), np.eye(4), participant_id="sub-01")
     assert len(empty) == 0 and list(empty.columns) == LESION_COLUMNS
+
+
+def test_lesion_boxes_equal_find_objects(rng):
+    from scipy import ndimage
+
+    labels = np.zeros((30, 34, 28), np.int32)
+    for k in (3, 9, 4, 12):  # unordered, with gaps; 9 in two pieces
+        for _ in range(2 if k == 9 else 1):
+            c = rng.integers(3, 25, 3)
+            labels[c[0]:c[0] + rng.integers(1, 5), c[1]:c[1] + 3, c[2]:c[2] + 2] = k
+    labels[0, 0, 0] = 12  # a corner voxel
+    want = [(i + 1, sl) for i, sl in enumerate(ndimage.find_objects(labels)) if sl is not None]
+    assert lesion_boxes(labels) == want
+    assert lesion_boxes(np.asfortranarray(labels)) == want  # NIfTI arrays are F-ordered
+    assert lesion_boxes(labels[:, ::-1][:, ::-1]) == want  # a strided view
+    assert lesion_boxes(np.zeros((4, 4, 4), np.int16)) == []

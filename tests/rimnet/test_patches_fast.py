@@ -36,6 +36,8 @@ def _reference_path(monkeypatch):
     ((1.0, 1.0, 1.0), 16.0, 16, ("lesion", "others", "flair", "qsm")),
     ((0.5, 0.5, 0.5), 12.0, 24, ("qsm", "lesion")),
     ((0.9, 0.9, 2.0), 32.0, 32, ("qsm", "flair", "lesion", "others")),  # off-grid: reference
+    # voxel sizes as read from an oblique affine: 1 mm to within float error
+    ((0.99999997, 1.00000002, 1.00000003), 32.0, 32, ("qsm", "flair", "lesion", "others")),
 ])
 def test_batched_path_equals_per_lesion_path_bit_for_bit(rng, monkeypatch, dtype, geometry,
                                                          layout, snap):
@@ -111,3 +113,21 @@ def test_threads_do_not_change_patches_or_rule_features(rng, monkeypatch):
         res[threads] = (p, rim_features_batch(p[:, 0] / 10.0, p[:, 2], p[:, 3], spacing_mm=1.0))
     np.testing.assert_array_equal(res["1"][0], res["3"][0])
     assert res["1"][1] == res["3"][1]
+
+
+def test_near_whole_voxel_sizes_take_the_batched_crop(rng):
+    """1 mm to within float error (an oblique affine's voxel sizes) cuts the same crops as
+    exactly 1 mm, by the batched path."""
+    chi, flair, labels, ids = _scan(rng)
+    kw = dict(patch_mm=32.0, patch_voxels=32, channels=("qsm", "flair", "lesion", "others"),
+              snap_to_voxels=True)
+    vs = (0.99999997, 1.00000002, 1.00000003)
+    cents = patches.snap_centres(lesion_centroids_vox(labels, ids), voxel_size_mm=vs,
+                                 patch_mm=32.0, patch_voxels=32)
+    inner = patches._on_grid_lesions(cents, labels.shape, voxel_size_mm=np.asarray(vs),
+                                     patch_mm=32.0, patch_voxels=32)
+    assert inner.sum() >= len(ids) // 2  # all but the lesions near the edge
+    exact = extract_patches({"qsm": chi, "flair": flair}, labels, ids, voxel_size_mm=(1, 1, 1),
+                            **kw)
+    near = extract_patches({"qsm": chi, "flair": flair}, labels, ids, voxel_size_mm=vs, **kw)
+    np.testing.assert_array_equal(near, exact)
